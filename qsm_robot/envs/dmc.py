@@ -1,0 +1,189 @@
+"""dm_control suite tasks as gymnasium environments.
+
+``make_env("cartpole-swingup", seed=0)`` gives a gymnasium env with
+
+* float32 flat observations: the dm_control observation dict flattened in the order of the
+  task's observation spec (``EnvInfo.obs_layout`` lists each key, its offset and size);
+* actions in [-1, 1], rescaled linearly to the actuator bounds, which are kept in
+  ``env.metadata["qsm_robot"]`` (see :class:`EnvInfo`) for export;
+* ``terminated`` only at a true terminal state (dm_control discount 0), ``truncated`` at the
+  time limit;
+* an optional ``action_repeat``: the action is applied that many physics control steps and the
+  rewards are summed.
+
+The adapter is shimmy's ``DmControlCompatibilityV0``; the few wrappers here are gymnasium's own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# No rendering is needed for training; without this, dm_control probes GLFW and warns on a
+# headless machine. A caller that wants frames sets MUJOCO_GL=egl or osmesa itself.
+os.environ.setdefault("MUJOCO_GL", "disable")
+
+import gymnasium as gym  # noqa: E402
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
+from dm_control import suite  # noqa: E402
+from gymnasium.wrappers import FlattenObservation, RescaleAction  # noqa: E402
+from shimmy.dm_control_compatibility import DmControlCompatibilityV0  # noqa: E402
+
+
+class UnknownTaskError(ValueError):
+    """A task name that is not a dm_control suite task."""
+
+
+def list_tasks() -> list[str]:
+    """All dm_control suite tasks, as ``domain-task`` names."""
+    return sorted(f"{domain}-{task}" for domain, task in suite.ALL_TASKS)
+
+
+def _split_task(name: str) -> tuple[str, str]:
+    valid = list_tasks()
+    if name not in valid:
+        raise UnknownTaskError(
+            f"unknown task {name!r}; valid tasks (domain-task): {', '.join(valid)}"
+        )
+    domain, task = name.split("-", 1)
+    return domain, task
+
+
+@dataclass(frozen=True)
+class EnvInfo:
+    """What a policy needs to know about a task, independent of the training code."""
+
+    task: str
+    obs_dim: int
+    act_dim: int
+    obs_layout: list[tuple[str, int, int]]
+    """(observation key, offset, size) in the flat observation vector, in order."""
+    action_low: list[float]
+    """True actuator lower bounds; action -1 maps here."""
+    action_high: list[float]
+    """True actuator upper bounds; action +1 maps here."""
+    control_period_s: float
+    """Seconds between two policy actions (physics control step times action_repeat)."""
+    action_repeat: int
+    max_episode_steps: int
+    """Policy steps in one episode before the time limit truncates it."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ActionRepeat(gym.Wrapper):
+    """Repeat each action ``repeat`` times, summing rewards; stop early at an episode end."""
+
+    def __init__(self, env: gym.Env, repeat: int):
+        super().__init__(env)
+        self.repeat = repeat
+
+    def step(self, action):
+        total = 0.0
+        for _ in range(self.repeat):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            total += float(reward)
+            if terminated or truncated:
+                break
+        return obs, total, terminated, truncated, info
+
+
+class Float32Observation(gym.ObservationWrapper):
+    """Cast the flat observation to float32."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        space = env.observation_space
+        self.observation_space = gym.spaces.Box(
+            low=space.low.astype(np.float32),
+            high=space.high.astype(np.float32),
+            shape=space.shape,
+            dtype=np.float32,
+        )
+
+    def observation(self, observation):
+        return np.asarray(observation, dtype=np.float32)
+
+
+def make_env(task: str, seed: int | None = None, action_repeat: int = 1) -> gym.Env:
+    """Build ``task`` (``domain-task``) as a gymnasium env; see the module docstring.
+
+    ``seed`` seeds the task's own random state (initial states, noise): two envs built with
+    the same seed and driven with the same actions give the same episodes.
+    """
+    if action_repeat < 1:
+        raise ValueError(f"action_repeat must be >= 1, got {action_repeat}")
+    domain, name = _split_task(task)
+    dm_env = suite.load(domain, name, task_kwargs={"random": seed})
+    env: gym.Env = DmControlCompatibilityV0(dm_env)
+    low, high = env.action_space.low.astype(np.float64), env.action_space.high.astype(np.float64)
+    layout, offset = [], 0
+    for key, space in env.observation_space.spaces.items():
+        size = int(np.prod(space.shape))
+        layout.append((key, offset, size))
+        offset += size
+    env = FlattenObservation(env)
+    env = Float32Observation(env)
+    env = RescaleAction(env, min_action=-1.0, max_action=1.0)
+    if action_repeat > 1:
+        env = ActionRepeat(env, action_repeat)
+    step_limit = int(dm_env._step_limit)
+    info = EnvInfo(
+        task=task,
+        obs_dim=offset,
+        act_dim=int(low.shape[0]),
+        obs_layout=layout,
+        action_low=low.tolist(),
+        action_high=high.tolist(),
+        control_period_s=float(dm_env.control_timestep()) * action_repeat,
+        action_repeat=action_repeat,
+        max_episode_steps=-(-step_limit // action_repeat),
+    )
+    env.metadata = {**env.metadata, "qsm_robot": info}
+    return env
+
+
+def env_info(env: gym.Env) -> EnvInfo:
+    """The :class:`EnvInfo` of an env made by :func:`make_env`."""
+    return env.metadata["qsm_robot"]
+
+
+def _dm_env(env: gym.Env):
+    return env.unwrapped._env
+
+
+def get_env_state(env: gym.Env) -> dict[str, Any]:
+    """Everything needed to continue ``env`` bit-for-bit later, mid-episode included.
+
+    The physics is saved with MuJoCo's full integration state (which includes the solver's
+    warm start), the task's random state and the time-limit counter with it.
+    """
+    dm_env = _dm_env(env)
+    physics = dm_env.physics
+    spec = mujoco.mjtState.mjSTATE_INTEGRATION
+    state = np.empty(mujoco.mj_stateSize(physics.model.ptr, spec), dtype=np.float64)
+    mujoco.mj_getState(physics.model.ptr, physics.data.ptr, state, spec)
+    kind, keys, pos, has_gauss, gauss = dm_env.task.random.get_state()
+    return {
+        "physics": state.tolist(),
+        "step_count": int(dm_env._step_count),
+        "reset_next_step": bool(dm_env._reset_next_step),
+        "random": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+    }
+
+
+def set_env_state(env: gym.Env, state: dict[str, Any]) -> None:
+    """Restore a state taken by :func:`get_env_state` into an env of the same task."""
+    dm_env = _dm_env(env)
+    physics = dm_env.physics
+    spec = mujoco.mjtState.mjSTATE_INTEGRATION
+    values = np.asarray(state["physics"], dtype=np.float64)
+    mujoco.mj_setState(physics.model.ptr, physics.data.ptr, values, spec)
+    mujoco.mj_forward(physics.model.ptr, physics.data.ptr)
+    dm_env._step_count = state["step_count"]
+    dm_env._reset_next_step = state["reset_next_step"]
+    kind, keys, pos, has_gauss, gauss = state["random"]
+    dm_env.task.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))

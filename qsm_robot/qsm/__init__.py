@@ -1,0 +1,1 @@
+"""Q-score matching: diffusion schedule and sampler, networks, the learner and the policy."""

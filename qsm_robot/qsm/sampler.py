@@ -1,0 +1,58 @@
+"""The DDPM reverse chain (card: "Sampler"), with its noise passed in explicitly.
+
+Taking the noise as an argument keeps the chain a pure function of (obs, noise): training and
+evaluation draw the noise from a seeded generator, export feeds it as a graph input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qsm_robot.qsm.networks import Denoiser
+from qsm_robot.qsm.schedules import DiffusionSchedule
+
+
+def ddpm_sample(
+    denoiser: Denoiser,
+    schedule: DiffusionSchedule,
+    obs: torch.Tensor,
+    noise: torch.Tensor,
+    temperature: float = 1.0,
+    clip: bool = True,
+) -> torch.Tensor:
+    """Run the T-step reverse chain from t = T-1 down to 0; returns actions in [-1, 1].
+
+    obs: [B, obs_dim]. noise: [B, T, act_dim] standard normal; ``noise[:, 0]`` is a_T and
+    ``noise[:, k]`` (k >= 1) is the z added at step t = T - k.
+    """
+    T = schedule.T
+    if noise.shape != (obs.shape[0], T, denoiser.act_dim):
+        raise ValueError(f"noise must be [B, T={T}, act_dim={denoiser.act_dim}], got {tuple(noise.shape)}")
+    obs_code = denoiser.encode_obs(obs)  # the state is projected once for all T steps
+    time_codes = denoiser.encode_time(torch.arange(T, device=obs.device))  # [T, hidden]
+    a = noise[:, 0]
+    for t in range(T - 1, -1, -1):
+        eps = denoiser.denoise(obs_code, a, time_codes[t])
+        beta, alpha, alpha_hat = schedule.betas[t], schedule.alphas[t], schedule.alpha_hats[t]
+        a = (a - (beta / torch.sqrt(1 - alpha_hat)) * eps) / torch.sqrt(alpha)
+        if t > 0:
+            a = a + torch.sqrt(beta) * temperature * noise[:, T - t]
+        if clip:
+            a = a.clamp(-1.0, 1.0)
+    return a.clamp(-1.0, 1.0)
+
+
+def sample_actions(
+    denoiser: Denoiser,
+    schedule: DiffusionSchedule,
+    obs: torch.Tensor,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+    clip: bool = True,
+) -> torch.Tensor:
+    """Draw the chain's noise from ``generator`` and run :func:`ddpm_sample`."""
+    noise = torch.randn(
+        obs.shape[0], schedule.T, denoiser.act_dim,
+        device=obs.device, dtype=obs.dtype, generator=generator,
+    )
+    return ddpm_sample(denoiser, schedule, obs, noise, temperature, clip)

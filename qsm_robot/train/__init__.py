@@ -1,0 +1,1 @@
+"""Training: the loop, replay buffer, evaluation, checkpoints and run logging."""

@@ -33,10 +33,10 @@ def ddpm_sample(
     a = noise[:, 0]
     for t in range(T - 1, -1, -1):
         eps = denoiser.denoise(obs_code, a, time_codes[t])
-        beta, alpha, alpha_hat = schedule.betas[t], schedule.alphas[t], schedule.alpha_hats[t]
-        a = (a - (beta / torch.sqrt(1 - alpha_hat)) * eps) / torch.sqrt(alpha)
-        if t > 0:
-            a = a + torch.sqrt(beta) * temperature * noise[:, T - t]
+        # a <- (a - beta_t / sqrt(1 - alpha_hat_t) * eps) / sqrt(alpha_t)
+        a = (a - schedule.eps_coef[t] * eps) * schedule.inv_sqrt_alpha[t]
+        if t > 0:  # a <- a + sqrt(beta_t) * temperature * z
+            a = a + (schedule.sigma[t] * temperature) * noise[:, T - t]
         if clip:
             a = a.clamp(-1.0, 1.0)
     return a.clamp(-1.0, 1.0)

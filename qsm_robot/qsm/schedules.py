@@ -45,4 +45,10 @@ class DiffusionSchedule(torch.nn.Module):
         self.name, self.T = name, T
         self.register_buffer("betas", betas.float())
         self.register_buffer("alphas", alphas.float())
-        self.register_buffer("alpha_hats", torch.cumprod(alphas, 0).float())
+        alpha_hats = torch.cumprod(alphas, 0)
+        self.register_buffer("alpha_hats", alpha_hats.float())
+        # The reverse step's constants as Python floats (computed in float64): the sampler then
+        # launches no tensor ops for them, and an exported graph holds them as constants.
+        self.eps_coef = (betas / torch.sqrt(1 - alpha_hats)).tolist()
+        self.inv_sqrt_alpha = (1 / torch.sqrt(alphas)).tolist()
+        self.sigma = torch.sqrt(betas).tolist()

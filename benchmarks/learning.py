@@ -1,0 +1,90 @@
+"""Learning benchmark: QSM on a dm_control task, eval return every 5k env steps.
+
+    python benchmarks/learning.py --preset reference --seeds 0 1 --steps 50000
+    python benchmarks/learning.py --preset fast --seeds 0
+
+Prints a table (eval return at each evaluation, wall time, updates/s, wall time and step at
+which the eval return first reached --target) and writes benchmarks/results/learning_*.csv and
+.png. Each run is an ordinary qsm-train run directory under benchmarks/results/runs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+from qsm_robot.config import preset_config
+from qsm_robot.train.loop import Trainer, prepare_run_dir
+from qsm_robot.train.run_log import read_csv
+
+OUT = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="reference")
+    p.add_argument("--task", default="cartpole-swingup")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--steps", type=int, default=50_000)
+    p.add_argument("--learning-starts", type=int, default=10_000)
+    p.add_argument("--eval-every", type=int, default=5_000)
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--target", type=float, default=600.0)
+    args = p.parse_args()
+
+    rows = []
+    for seed in args.seeds:
+        cfg = preset_config(
+            args.preset, task=args.task, seed=seed, steps=args.steps, learning_starts=args.learning_starts,
+            eval_every=args.eval_every, eval_episodes=args.eval_episodes, threads=args.threads, device="cpu",
+            run_dir=str(OUT / "runs" / f"{args.task}__{args.preset}__seed{seed}__{time.strftime('%Y%m%d-%H%M%S')}"),
+        )
+        run_dir = prepare_run_dir(cfg)
+        result = Trainer(cfg, run_dir).run()
+        evals = read_csv(run_dir / "eval.csv")
+        hit = next((r for r in evals if float(r["return_mean"]) >= args.target), None)
+        rows.append({
+            "preset": args.preset, "seed": seed, "run_dir": str(run_dir), "wall_s": round(result.wall_s, 1),
+            "updates_per_s": round(result.updates_per_s, 1),
+            "target_step": hit and int(hit["step"]), "target_wall_s": hit and float(hit["time_s"]),
+            **{f"eval@{int(r['step']) // 1000}k": round(float(r["return_mean"]), 1) for r in evals},
+        })
+        print(f"seed {seed} done: final eval {result.final_eval:.1f}, {result.wall_s:.0f} s", file=sys.stderr)
+
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    OUT.mkdir(parents=True, exist_ok=True)
+    stem = OUT / f"learning_{args.task}_{args.preset}_{time.strftime('%Y%m%d-%H%M%S')}"
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    shown = [c for c in columns if c != "run_dir"]
+    print("| " + " | ".join(shown) + " |")
+    print("|" + "---|" * len(shown))
+    for r in rows:
+        print("| " + " | ".join("-" if r.get(c) is None else str(r.get(c)) for c in shown) + " |")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for r in rows:
+        evals = read_csv(Path(r["run_dir"]) / "eval.csv")
+        ax.plot([int(e["step"]) for e in evals], [float(e["return_mean"]) for e in evals], "-o", label=f"seed {r['seed']}")
+    ax.axhline(args.target, color="gray", ls="--", lw=1)
+    ax.set(xlabel="environment steps", ylabel="eval return", title=f"QSM {args.task}, preset {args.preset}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"))
+    print(f"wrote {stem}.csv and {stem}.png")
+
+
+if __name__ == "__main__":
+    main()

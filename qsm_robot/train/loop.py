@@ -152,6 +152,8 @@ class Trainer:
         self.log.eval(step=self.step, time_s=round(self.elapsed(), 2), return_mean=mean,
                       return_std=float(np.std(returns)), return_min=float(np.min(returns)),
                       return_max=float(np.max(returns)), episodes=len(returns))
+        tqdm.write(f"step {self.step}: eval return {mean:.1f} +- {np.std(returns):.1f} "
+                   f"({len(returns)} episodes, {self.elapsed():.0f} s)", file=sys.stderr)
         return mean
 
     def run(self) -> RunResult:

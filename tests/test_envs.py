@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from qsm_robot.envs import UnknownTaskError, env_info, get_env_state, list_tasks, make_env, set_env_state
+
+
+@pytest.mark.parametrize("task", ["cartpole-swingup", "walker-walk"])
+def test_gymnasium_check_env(task):
+    env = make_env(task, seed=0)
+    check_env(env, skip_render_check=True)
+    info = env_info(env)
+    obs, _ = env.reset()
+    assert obs.dtype == np.float32 and obs.shape == (info.obs_dim,)
+    assert sum(size for _, _, size in info.obs_layout) == info.obs_dim
+    assert env.action_space.low.tolist() == [-1.0] * info.act_dim
+    assert env.action_space.high.tolist() == [1.0] * info.act_dim
+
+
+def test_metadata_keeps_true_actuator_bounds():
+    info = env_info(make_env("cheetah-run", seed=0))
+    assert info.act_dim == 6 and len(info.action_low) == 6
+    assert all(lo < hi for lo, hi in zip(info.action_low, info.action_high))
+    assert info.control_period_s == pytest.approx(0.01)
+
+
+def test_unknown_task_names_the_valid_ones():
+    with pytest.raises(UnknownTaskError, match="unknown task 'cartpole-swing'.*cartpole-swingup"):
+        make_env("cartpole-swing")
+    assert "walker-walk" in list_tasks()
+
+
+def test_time_limit_is_truncation_not_termination():
+    env = make_env("cartpole-swingup", seed=0)
+    env.reset()
+    for i in range(1000):
+        _, _, terminated, truncated, _ = env.step(np.zeros(1, np.float32))
+        assert not terminated
+        assert truncated == (i == 999)
+
+
+def test_action_repeat_shortens_episodes_and_sums_rewards():
+    env = make_env("cartpole-swingup", seed=0, action_repeat=4)
+    info = env_info(env)
+    assert info.max_episode_steps == 250 and info.control_period_s == pytest.approx(0.04)
+    env.reset()
+    steps, total = 0, 0.0
+    while True:
+        _, r, term, trunc, _ = env.step(np.zeros(1, np.float32))
+        steps, total = steps + 1, total + r
+        if term or trunc:
+            break
+    assert steps == 250 and 0 < total <= 1000
+
+
+def test_same_seed_same_episode_and_state_restores_mid_episode():
+    a, b = make_env("walker-walk", seed=3), make_env("walker-walk", seed=3)
+    assert np.array_equal(a.reset()[0], b.reset()[0])
+    actions = np.random.default_rng(0).uniform(-1, 1, (60, 6)).astype(np.float32)
+    for act in actions[:30]:
+        a.step(act)
+    state = get_env_state(a)
+    expected = [a.step(act)[0] for act in actions[30:]]
+    other = make_env("walker-walk", seed=99)
+    other.reset()
+    set_env_state(other, state)
+    assert all(np.array_equal(x, other.step(act)[0]) for x, act in zip(expected, actions[30:]))

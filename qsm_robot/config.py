@@ -144,12 +144,13 @@ class TrainConfig:
         return cls(**data).validate()
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        """Read a config.json, apply ``overrides`` (those not None), then validate."""
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def resolve_device(device: str):

@@ -12,6 +12,7 @@ Ctrl-C or SIGTERM (after saving a checkpoint).
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -64,12 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir, steps, device = _parse_resume(argv)
             if not (run_dir / "config.json").is_file():
                 raise ConfigError(f"resume: {run_dir} is not a run directory (no config.json)")
-            cfg = TrainConfig.load(run_dir / "config.json")
-            if steps is not None:
-                cfg.steps = steps
-            if device is not None:
-                cfg.device = device
-            cfg.validate()
+            cfg = TrainConfig.load(run_dir / "config.json", steps=steps, device=device)
         else:
             cfg = _parse_new(argv).validate()
             run_dir = None
@@ -82,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if resume:
-            if cfg.steps != TrainConfig.load(run_dir / "config.json").steps:
-                import json
-
-                atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+            atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
             trainer = Trainer(cfg, run_dir, resume=True)
             print(f"{PROG}: resuming {run_dir} at step {trainer.step} of {cfg.steps}", file=sys.stderr)
         else:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from qsm_robot.qsm.networks import Denoiser
@@ -135,7 +136,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> Diffusi
     try:
         spec = PolicySpec.from_dict(json.loads((ckpt / "policy.json").read_text()))
         weights = load_file(str(ckpt / "policy.safetensors"), device=str(device))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"cannot read the policy in {ckpt}: {exc}") from exc
     policy = DiffusionPolicy(spec)
     try:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qsm_robot.qsm.policy import CheckpointError, PolicySpec, resolve_checkpoint, save_policy_files
@@ -113,7 +114,7 @@ def load_train_state(path: str | Path) -> tuple[Path, dict[str, Any]]:
     try:
         meta = json.loads((ckpt / "train_state.json").read_text())
         tensors = load_file(str(ckpt / "train_state.safetensors"), device="cpu")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"cannot read the training state in {ckpt}: {exc}") from exc
     if meta.get("version") != TRAIN_STATE_VERSION:
         raise CheckpointError(

@@ -149,3 +149,13 @@ def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path, cli_
     assert load_policy(run).spec.step == saved + 150
     # A kill in the middle of a write may leave a temporary folder; it is never the latest.
     assert all(name.startswith(".tmp-step_") for name in leftovers)
+
+
+def test_help_lists_every_field_with_its_doc(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--task", "--steps", "--seed", "--device", "--preset", "--run-dir", "--q-grad-scale", "--schedule"):
+        assert flag in out
+    assert "M_q: the denoiser is regressed onto" in out

@@ -22,6 +22,7 @@ def test_only_qsm_robot_is_installed_as_a_package():
 def test_entry_points_and_extras():
     project = pyproject()["project"]
     assert project["scripts"]["qsm-train"] == "qsm_robot.cli.train:main"
+    assert project["scripts"]["qsm-export"] == "qsm_robot.cli.export:main"
     extras = project["optional-dependencies"]
     assert {"train", "deploy", "gpu", "dev", "all"} <= set(extras)
     assert any(r.startswith("mujoco") and "<4" in r for r in extras["train"])

@@ -108,11 +108,12 @@ class Float32Observation(gym.ObservationWrapper):
         return np.asarray(observation, dtype=np.float32)
 
 
-def make_env(task: str, seed: int | None = None, action_repeat: int = 1) -> gym.Env:
+def make_env(task: str, seed: int | None = None, action_repeat: int = 1, rescale_actions: bool = True) -> gym.Env:
     """Build ``task`` (``domain-task``) as a gymnasium env; see the module docstring.
 
     ``seed`` seeds the task's own random state (initial states, noise): two envs built with
-    the same seed and driven with the same actions give the same episodes.
+    the same seed and driven with the same actions give the same episodes. With
+    ``rescale_actions=False`` the env takes actions in actuator units, as a robot would.
     """
     if action_repeat < 1:
         raise ValueError(f"action_repeat must be >= 1, got {action_repeat}")
@@ -127,7 +128,8 @@ def make_env(task: str, seed: int | None = None, action_repeat: int = 1) -> gym.
         offset += size
     env = FlattenObservation(env)
     env = Float32Observation(env)
-    env = RescaleAction(env, min_action=-1.0, max_action=1.0)
+    if rescale_actions:
+        env = RescaleAction(env, min_action=-1.0, max_action=1.0)
     if action_repeat > 1:
         env = ActionRepeat(env, action_repeat)
     step_limit = int(dm_env._step_limit)

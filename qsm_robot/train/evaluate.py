@@ -1,4 +1,4 @@
-"""Evaluation: episodes of the plain diffusion sample, run side by side in separate envs."""
+"""Evaluation: episodes run side by side in separate envs, one batched policy call per step."""
 
 from __future__ import annotations
 
@@ -6,22 +6,26 @@ from typing import Callable
 
 import gymnasium as gym
 import numpy as np
-import torch
 
 
 def evaluate(
-    policy: Callable[[torch.Tensor], torch.Tensor], envs: list[gym.Env], device: torch.device
+    policy: Callable[[np.ndarray], np.ndarray],
+    envs: list[gym.Env],
+    record_obs: list[np.ndarray] | None = None,
 ) -> list[float]:
     """One episode in each env, the policy acting on all unfinished envs as one batch.
 
-    ``policy`` maps obs [N, obs_dim] to actions [N, act_dim] in [-1, 1]. Returns the returns.
+    ``policy`` maps float32 obs [N, obs_dim] to actions [N, act_dim] (in the envs' action
+    units). Observations seen are appended to ``record_obs`` when given. Returns the returns.
     """
     obs = [env.reset()[0] for env in envs]
     returns = [0.0] * len(envs)
     live = list(range(len(envs)))
     while live:
-        batch = torch.as_tensor(np.stack([obs[i] for i in live]), device=device)
-        actions = policy(batch).cpu().numpy()
+        batch = np.stack([obs[i] for i in live])
+        if record_obs is not None:
+            record_obs.append(batch)
+        actions = np.asarray(policy(batch))
         still = []
         for i, action in zip(live, actions):
             obs[i], reward, terminated, truncated, _ = envs[i].step(action)

@@ -143,10 +143,11 @@ class Trainer:
         self._stop_signal = signum
 
     def evaluate(self) -> float:
-        def policy(obs):
-            return self.learner.act(obs, explore=False, generator=self.eval_generator)
+        def policy(obs: np.ndarray) -> np.ndarray:
+            obs_t = torch.as_tensor(obs, device=self.device)
+            return self.learner.act(obs_t, explore=False, generator=self.eval_generator).cpu().numpy()
 
-        returns = evaluate(policy, self.eval_envs, self.device)
+        returns = evaluate(policy, self.eval_envs)
         mean = float(np.mean(returns))
         self.evals.append(mean)
         self.log.eval(step=self.step, time_s=round(self.elapsed(), 2), return_mean=mean,

@@ -1,0 +1,113 @@
+"""``qsm-export``: distil a qsm-train policy into a K-step student and write a verified ONNX file.
+
+    qsm-export runs/my-run --out deploy/models/cartpole.onnx                 # K=1 student
+    qsm-export runs/my-run --out deploy/models/cartpole-k2.onnx --student-steps 2
+    qsm-export runs/my-run/checkpoints/step_000050000 --out teacher.onnx --teacher
+
+Exit codes: 0 written and verified, 1 a gate failed (nothing written), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PROG = "qsm-export"
+
+
+def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:  # noqa: F821
+    from qsm_robot.export.exporter import ExportOptions
+
+    d = ExportOptions(out=Path("x.onnx"))
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].strip("`").split(": ", 1)[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("source", help="a qsm-train run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--out", required=True, type=Path, help="the .onnx file to write (report and plot go beside it)")
+    p.add_argument("--student-steps", type=int, default=d.student_steps, help="K: network evaluations of the student (K < T)")
+    p.add_argument("--teacher", action="store_true", help="export the full T-step DDPM chain instead of a student")
+    p.add_argument("--force", action="store_true", help="write the model even when a gate fails")
+    p.add_argument("--distill-iterations", type=int, default=d.distill_iterations, help="student training iterations")
+    p.add_argument("--distill-batch", type=int, default=d.distill_batch, help="states per distillation iteration")
+    p.add_argument("--student-hidden", type=int, default=d.student_hidden, help="student MLP width")
+    p.add_argument("--student-layers", type=int, default=d.student_layers, help="student hidden layers")
+    p.add_argument("--state-episodes", type=int, default=d.state_episodes, help="teacher rollouts that provide distillation states")
+    p.add_argument("--eval-episodes", type=int, default=d.eval_episodes, help="episodes for the return-retention gate")
+    p.add_argument("--min-retention", type=float, default=d.min_retention, help="gate: exported mean return / teacher mean return")
+    p.add_argument("--parity-samples", type=int, default=d.parity_samples, help="(obs, noise) pairs for the parity gate")
+    p.add_argument("--parity-tol", type=float, default=d.parity_tol, help="gate: max |onnxruntime - torch|")
+    p.add_argument("--latency-calls", type=int, default=d.latency_calls, help="batch-1 calls timed")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads for distillation (0: torch's default)")
+    a = p.parse_args(argv)
+    for name in ("distill_iterations", "distill_batch", "student_hidden", "student_layers", "state_episodes",
+                 "eval_episodes", "parity_samples", "latency_calls"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if not 0 <= a.min_retention <= 1:
+        p.error(f"--min-retention must be in [0, 1], got {a.min_retention}")
+    opts = ExportOptions(
+        out=a.out, student_steps=a.student_steps, teacher=a.teacher, force=a.force,
+        distill_iterations=a.distill_iterations, distill_batch=a.distill_batch, student_hidden=a.student_hidden,
+        student_layers=a.student_layers, state_episodes=a.state_episodes, eval_episodes=a.eval_episodes,
+        min_retention=a.min_retention, parity_samples=a.parity_samples, parity_tol=a.parity_tol,
+        latency_calls=a.latency_calls, seed=a.seed, progress=sys.stderr.isatty(),
+    )
+    return a.source, opts, a.threads
+
+
+def summary(report) -> str:
+    g = report.gates
+    ret = g["retention"]
+    lines = [
+        "", f"== qsm-export summary: {'PASSED' if report.passed else 'FAILED'} ==",
+        f"model             {report.model} ({report.sampler}, {report.sampler_steps} step(s))",
+        f"graph             checker ok, onnxruntime loads, random ops: {g['graph']['random_ops'] or 'none'}"
+        f"  [{'ok' if g['graph']['passed'] else 'FAIL'}]",
+        f"parity            max |onnxruntime - torch| = {g['parity']['max_abs_diff']:.2e} over {g['parity']['samples']} "
+        f"pairs (gate {g['parity']['tolerance']:.0e})  [{'ok' if g['parity']['passed'] else 'FAIL'}]",
+    ]
+    if "student_vs_teacher_max_abs_diff" in g["parity"]:
+        lines.append(f"student vs teacher on shared noise: mean |diff| {g['parity']['student_vs_teacher_mean_abs_diff']:.3f}, "
+                     f"max {g['parity']['student_vs_teacher_max_abs_diff']:.3f} (informative, no gate)")
+    r = "n/a" if ret["retention"] is None else f"{100 * ret['retention']:.1f}%"
+    lines += [
+        f"return retention  {report.student_return_mean:.1f} exported vs {report.teacher_return_mean:.1f} teacher = {r} "
+        f"(gate {100 * ret['min_retention']:.0f}%)  [{'ok' if ret['passed'] else 'FAIL'}]",
+        f"latency (batch 1) p50 {g['latency']['p50_us']} us, p99 {g['latency']['p99_us']} us, "
+        f"p99.9 {g['latency']['p99.9_us']} us over {g['latency']['calls']} calls, 1 thread",
+    ]
+    if report.distill_seconds is not None:
+        lines.append(f"distillation      {report.distill_seconds} s, final loss {report.distill_final_loss:.2e}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    source, opts, threads = parse(argv)
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        print(f"{PROG}: error: {exc.name} is not installed: pip install \".[export,deploy]\" "
+              "(or .[export,gpu] for onnxruntime-gpu)", file=sys.stderr)
+        return 2
+    import torch
+
+    from qsm_robot.export.exporter import ExportError, export_policy
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        report = export_policy(source, opts, log=lambda m: print(m, file=sys.stderr))
+    except ExportError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1 if "gate(s) failed" in str(exc) else 2
+    print(summary(report))
+    out = Path(report.model)
+    print(f"report            {out.with_suffix('.report.json')}\nplot              {out.with_suffix('.actions.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

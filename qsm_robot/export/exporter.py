@@ -1,0 +1,306 @@
+"""qsm-export's work: load the teacher, distil, write ONNX, verify, report.
+
+Nothing is written under the final name until every gate holds (or ``force`` is set): the
+model goes to a temporary file beside it and is renamed at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from qsm_robot.envs import make_env
+from qsm_robot.export.contract import ModelContract
+from qsm_robot.export.runtime import latency_us, make_session
+from qsm_robot.export.student import ActuatorPolicy, StudentPolicy, TeacherSampler, distill
+from qsm_robot.qsm.policy import DiffusionPolicy, load_policy, resolve_checkpoint
+from qsm_robot.train.evaluate import evaluate
+
+OPSET = 17
+IR_VERSION = 8  # onnx 1.23 would write 14 by default; onnxruntime 1.31 loads up to 13
+RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done or did not pass a gate; the message says what to do."""
+
+
+@dataclass
+class ExportOptions:
+    out: Path
+    student_steps: int = 1
+    teacher: bool = False
+    force: bool = False
+    distill_iterations: int = 3000
+    distill_batch: int = 512
+    student_hidden: int = 256
+    student_layers: int = 2
+    state_episodes: int = 8
+    """Teacher rollouts whose states (with the replay buffer's, when present) train the student."""
+    eval_episodes: int = 5
+    min_retention: float = 0.95
+    parity_samples: int = 1000
+    parity_tol: float = 1e-5
+    latency_calls: int = 2000
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class ExportReport:
+    model: str
+    sampler: str
+    sampler_steps: int
+    gates: dict = field(default_factory=dict)
+    """gate name -> {"passed": bool, ...figures}"""
+    teacher_return_mean: float | None = None
+    student_return_mean: float | None = None
+    distill_seconds: float | None = None
+    distill_final_loss: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(g["passed"] for g in self.gates.values())
+
+
+def teacher_sha256(checkpoint: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("policy.json", "policy.safetensors"):
+        h.update((checkpoint / name).read_bytes())
+    return h.hexdigest()
+
+
+def replay_states(checkpoint: Path, limit: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Observations from the run's replay buffer, if the checkpoint has one."""
+    path = checkpoint / "train_state.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        if "state.replay.obs" not in f.keys():
+            return None
+        obs = f.get_tensor("state.replay.obs")
+    if len(obs) > limit:
+        obs = obs[rng.choice(len(obs), limit, replace=False)]
+    return obs.astype(np.float32)
+
+
+def rollout(policy_fn, task: str, action_repeat: int, episodes: int, seed: int, record=None, rescale=True) -> list[float]:
+    envs = [make_env(task, seed=seed + i, action_repeat=action_repeat, rescale_actions=rescale) for i in range(episodes)]
+    return evaluate(policy_fn, envs, record)
+
+
+def torch_policy_fn(module: torch.nn.Module, noise_shape: tuple, rng: np.random.Generator):
+    """numpy obs -> numpy action of a (obs, noise) module, noise drawn from ``rng``."""
+
+    def fn(obs: np.ndarray) -> np.ndarray:
+        noise = rng.standard_normal((len(obs), *noise_shape), dtype=np.float32)
+        with torch.no_grad():
+            return module(torch.from_numpy(obs), torch.from_numpy(noise)).numpy()
+
+    return fn
+
+
+def onnx_policy_fn(session, noise_shape: tuple, rng: np.random.Generator):
+    def fn(obs: np.ndarray) -> np.ndarray:
+        noise = rng.standard_normal((len(obs), *noise_shape), dtype=np.float32)
+        return session.run(None, {"obs": obs.astype(np.float32), "noise": noise})[0]
+
+    return fn
+
+
+def to_onnx(module: torch.nn.Module, obs_dim: int, noise_shape: tuple, contract: ModelContract) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    dyn = {"obs": {0: "batch"}, "noise": {0: "batch"}, "action": {0: "batch"}}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks
+        torch.onnx.export(
+            module.eval(), (torch.zeros(1, obs_dim), torch.zeros(1, *noise_shape)), buf,
+            input_names=["obs", "noise"], output_names=["action"], dynamic_axes=dyn,
+            opset_version=OPSET, dynamo=False,
+        )
+    model = onnx.load_from_string(buf.getvalue())
+    model.ir_version = IR_VERSION
+    set_contract(model, contract)
+    return model
+
+
+def set_contract(model: onnx.ModelProto, contract: ModelContract) -> None:
+    del model.metadata_props[:]
+    for key, value in contract.to_metadata().items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def check_graph(model: onnx.ModelProto) -> dict:
+    onnx.checker.check_model(model, full_check=True)
+    random_ops = sorted({n.op_type for n in model.graph.node} & RANDOM_OPS)
+    return {"passed": not random_ops, "random_ops": random_ops, "ir_version": model.ir_version, "opset": OPSET}
+
+
+def check_parity(session, module, states: np.ndarray, noise_shape: tuple, n: int, tol: float, rng) -> dict:
+    """onnxruntime vs torch on n (obs, noise) pairs: half replay/rollout states, half wide random."""
+    pick = states[rng.integers(0, len(states), n - n // 2)]
+    wide = rng.standard_normal((n // 2, states.shape[1])).astype(np.float32) * (np.abs(states).max(0) + 1.0)
+    obs = np.concatenate([pick, wide]).astype(np.float32)
+    noise = rng.standard_normal((n, *noise_shape), dtype=np.float32)
+    ours = session.run(None, {"obs": obs, "noise": noise})[0]
+    with torch.no_grad():
+        ref = module(torch.from_numpy(obs), torch.from_numpy(noise)).numpy()
+    diff = np.abs(ours - ref)
+    return {"passed": float(diff.max()) <= tol, "max_abs_diff": float(diff.max()),
+            "mean_abs_diff": float(diff.mean()), "tolerance": tol, "samples": n}
+
+
+def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportReport:
+    """The whole of qsm-export. Raises ExportError (nothing left at ``opts.out``) on failure."""
+    from qsm_robot.qsm.policy import CheckpointError
+
+    try:
+        checkpoint = resolve_checkpoint(source)
+        teacher = load_policy(checkpoint, device="cpu")
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    spec = teacher.spec
+    T = spec.diffusion_steps
+    if not opts.teacher and not 1 <= opts.student_steps < T:
+        raise ExportError(f"--student-steps must be in 1..{T - 1} (the teacher has T={T}); use --teacher for all {T} steps")
+    out = Path(opts.out)
+    if out.suffix != ".onnx":
+        raise ExportError(f"--out must name a .onnx file, got {out}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(f".{out.name}.probe-{os.getpid()}")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ExportError(f"cannot write to {out.parent}: {exc.strerror or exc}; choose another --out") from None
+
+    noise_shape = (T, spec.act_dim)
+    rng = np.random.default_rng(opts.seed)
+    torch.manual_seed(opts.seed)
+    report = ExportReport(model=str(out), sampler="teacher" if opts.teacher else "student",
+                          sampler_steps=T if opts.teacher else opts.student_steps)
+
+    # States: teacher rollouts plus, when the checkpoint has one, the replay buffer.
+    seen: list[np.ndarray] = []
+    teacher_fn = torch_policy_fn(TeacherSampler(teacher), noise_shape, np.random.default_rng(opts.seed + 1))
+    rollout(teacher_fn, spec.task, spec.action_repeat, opts.state_episodes, opts.seed + 1000, seen)
+    states = np.concatenate(seen)
+    from_replay = replay_states(checkpoint, 50_000, rng)
+    if from_replay is not None:
+        states = np.concatenate([states, from_replay])
+    log(f"qsm-export: {len(states)} states ({'with' if from_replay is not None else 'without'} replay buffer)")
+
+    if opts.teacher:
+        sampler: torch.nn.Module = TeacherSampler(teacher)
+    else:
+        t0 = time.perf_counter()
+        sampler, losses = distill(
+            teacher, torch.from_numpy(states), T, opts.student_steps, opts.student_hidden, opts.student_layers,
+            opts.distill_iterations, opts.distill_batch, seed=opts.seed, progress=opts.progress,
+        )
+        report.distill_seconds = round(time.perf_counter() - t0, 1)
+        report.distill_final_loss = float(np.mean(losses[-100:]))
+    exported = ActuatorPolicy(sampler, spec.action_low, spec.action_high).eval()
+
+    contract = ModelContract(
+        task=spec.task, obs_dim=spec.obs_dim, obs_layout=spec.obs_layout, act_dim=spec.act_dim,
+        action_low=spec.action_low, action_high=spec.action_high, control_period_s=spec.control_period_s,
+        action_repeat=spec.action_repeat, sampler=report.sampler, sampler_steps=report.sampler_steps,
+        teacher_steps=T, schedule=spec.schedule, noise_shape=["batch", T, spec.act_dim],
+        teacher_sha256=teacher_sha256(checkpoint), teacher_step=spec.step,
+    )
+    model = to_onnx(exported, spec.obs_dim, noise_shape, contract)
+    report.gates["graph"] = check_graph(model)
+    try:
+        session = make_session(model.SerializeToString())
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ExportError(f"onnxruntime cannot load the exported graph: {exc}") from None
+    report.gates["graph"]["onnxruntime_loads"] = True
+
+    report.gates["parity"] = check_parity(session, exported, states, noise_shape, opts.parity_samples, opts.parity_tol, rng)
+    if opts.teacher is False:
+        # The torch student against the torch teacher on the same noise (informative, no gate).
+        teacher_parity = check_parity(session, ActuatorPolicy(TeacherSampler(teacher), spec.action_low, spec.action_high),
+                                      states, noise_shape, opts.parity_samples, float("inf"), rng)
+        report.gates["parity"]["student_vs_teacher_mean_abs_diff"] = teacher_parity["mean_abs_diff"]
+        report.gates["parity"]["student_vs_teacher_max_abs_diff"] = teacher_parity["max_abs_diff"]
+
+    # Return retention: the ONNX model in actuator units against the torch teacher, same seeds and noise.
+    teacher_actuator = ActuatorPolicy(TeacherSampler(teacher), spec.action_low, spec.action_high).eval()
+    t_returns = rollout(torch_policy_fn(teacher_actuator, noise_shape, np.random.default_rng(7)),
+                        spec.task, spec.action_repeat, opts.eval_episodes, opts.seed + 2000, rescale=False)
+    s_returns = rollout(onnx_policy_fn(session, noise_shape, np.random.default_rng(7)),
+                        spec.task, spec.action_repeat, opts.eval_episodes, opts.seed + 2000, rescale=False)
+    t_mean, s_mean = float(np.mean(t_returns)), float(np.mean(s_returns))
+    report.teacher_return_mean, report.student_return_mean = t_mean, s_mean
+    retention = s_mean / t_mean if t_mean > 0 else None
+    ok = s_mean >= opts.min_retention * t_mean if t_mean > 0 else s_mean >= t_mean
+    report.gates["retention"] = {"passed": ok, "retention": retention, "min_retention": opts.min_retention,
+                                 "teacher_returns": t_returns, "onnx_returns": s_returns}
+
+    lat = latency_us(session, spec.obs_dim, noise_shape, opts.latency_calls)
+    report.gates["latency"] = {"passed": True, "calls": opts.latency_calls, "threads": 1,
+                               **{f"p{q}_us": round(float(np.percentile(lat, q)), 1) for q in (50, 99, 99.9)}}
+
+    contract.verification = {k: {kk: vv for kk, vv in v.items() if not isinstance(vv, list) or len(vv) < 20}
+                             for k, v in report.gates.items()}
+    set_contract(model, contract)
+    if not report.passed and not opts.force:
+        failed = [k for k, g in report.gates.items() if not g["passed"]]
+        raise ExportError(f"gate(s) failed: {', '.join(failed)}; nothing written to {out} (see figures above, or --force)")
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        onnx.save(model, str(tmp))
+        make_session(tmp)  # what was written loads
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_report(report, out, exported, teacher_actuator, states, noise_shape, rng)
+    return report
+
+
+def write_report(report: ExportReport, out: Path, student, teacher, states: np.ndarray, noise_shape, rng) -> None:
+    """NAME.report.json and NAME.actions.png beside the model."""
+    from qsm_robot.train.checkpoint import atomic_write_text
+
+    atomic_write_text(out.with_suffix(".report.json"), json.dumps(asdict(report) | {"passed": report.passed}, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = states[rng.choice(len(states), 4, replace=False)]
+    act_dim = noise_shape[1]
+    dims = list(range(min(act_dim, 3)))
+    fig, axes = plt.subplots(len(dims), 4, figsize=(12, 2.6 * len(dims)), dpi=90, squeeze=False)
+    for j, s in enumerate(picks):
+        obs = np.repeat(s[None], 2000, 0)
+        noise = rng.standard_normal((2000, *noise_shape), dtype=np.float32)
+        with torch.no_grad():
+            a_t = teacher(torch.from_numpy(obs), torch.from_numpy(noise)).numpy()
+            a_s = student(torch.from_numpy(obs), torch.from_numpy(noise)).numpy()
+        for i in dims:
+            ax = axes[i][j]
+            bins = np.linspace(min(a_t[:, i].min(), a_s[:, i].min()), max(a_t[:, i].max(), a_s[:, i].max()) + 1e-6, 40)
+            ax.hist(a_t[:, i], bins=bins, alpha=0.5, label="teacher (torch, T steps)")
+            ax.hist(a_s[:, i], bins=bins, alpha=0.5, label=f"exported ({report.sampler}, {report.sampler_steps} steps)")
+            ax.set_title(f"state {j}, action {i}", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("action distributions at 4 states, 2000 noise draws each (actuator units)")
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".actions.png"))
+    plt.close(fig)

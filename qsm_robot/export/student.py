@@ -1,0 +1,126 @@
+"""The few-step student and its distillation from the T-step teacher.
+
+Method: regression onto teacher samples that share the student's noise. The teacher's DDPM
+chain is a deterministic function of (obs, noise) once all of its noise, a_T and the T-1
+per-step z, is an input (``ddpm_sample``). The student takes that same noise tensor [B, T, act]
+and is trained so that student(s, noise) = teacher(s, noise). So it reproduces the teacher's
+*distribution* (stochastic, possibly multi-modal: the noise picks the mode), not only its mean,
+and parity and return retention can be checked sample by sample on shared noise.
+
+The student runs K steps of one MLP: a_K = noise[:, 0]; a_{k-1} = MLP([a_k, s, noise, onehot(k)]);
+the action is clip(a_0, -1, 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from qsm_robot.qsm.networks import Mish
+from qsm_robot.qsm.policy import DiffusionPolicy
+
+
+class StudentPolicy(nn.Module):
+    """K-step student: (obs [B, obs_dim], noise [B, T, act_dim]) -> action in [-1, 1]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, teacher_steps: int, steps: int = 1,
+                 hidden_dim: int = 256, num_layers: int = 2):
+        super().__init__()
+        self.obs_dim, self.act_dim, self.teacher_steps, self.steps = obs_dim, act_dim, teacher_steps, steps
+        dims = [act_dim + obs_dim + teacher_steps * act_dim + steps] + [hidden_dim] * num_layers
+        layers: list[nn.Module] = []
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(d_in, d_out), Mish()]
+        layers.append(nn.Linear(hidden_dim, act_dim))
+        self.net = nn.Sequential(*layers)
+        self.register_buffer("step_codes", torch.eye(steps))
+
+    def raw(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The last step's output before the final clip."""
+        flat = noise.reshape(noise.shape[0], self.teacher_steps * self.act_dim)
+        a = noise[:, 0]
+        for k in range(self.steps - 1, -1, -1):
+            code = self.step_codes[k].expand(obs.shape[0], self.steps)
+            a = self.net(torch.cat([a, obs, flat, code], dim=-1))
+        return a
+
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.raw(obs, noise).clamp(-1.0, 1.0)
+
+
+class TeacherSampler(nn.Module):
+    """The teacher's full chain as a module with the student's signature."""
+
+    def __init__(self, policy: DiffusionPolicy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.policy.sample(obs, noise)
+
+
+class ActuatorPolicy(nn.Module):
+    """What goes into the ONNX file: a sampler in [-1, 1], rescaled to actuator units and clipped."""
+
+    def __init__(self, sampler: nn.Module, action_low: list[float], action_high: list[float]):
+        super().__init__()
+        self.sampler = sampler
+        self.register_buffer("low", torch.tensor(action_low, dtype=torch.float32))
+        self.register_buffer("high", torch.tensor(action_high, dtype=torch.float32))
+
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        a = self.sampler(obs, noise).clamp(-1.0, 1.0)
+        action = self.low + (a + 1.0) * 0.5 * (self.high - self.low)
+        return torch.minimum(torch.maximum(action, self.low), self.high)
+
+
+def bounded_regression_loss(raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error to a target in [-1, 1]; where the target sits on a bound (the teacher's
+    clip saturated), any raw output at or past that bound counts as exact."""
+    err = raw - target
+    err = torch.where(target >= 1.0, err.clamp(max=0.0), err)
+    err = torch.where(target <= -1.0, err.clamp(min=0.0), err)
+    return (err**2).mean()
+
+
+def distill(
+    teacher: DiffusionPolicy,
+    states: torch.Tensor,
+    steps: int,
+    student_steps: int = 1,
+    hidden_dim: int = 256,
+    num_layers: int = 2,
+    iterations: int = 3000,
+    batch_size: int = 512,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[StudentPolicy, list[float]]:
+    """Train a K-step student on ``states`` [N, obs_dim]; returns it and the loss curve."""
+    spec = teacher.spec
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    student = StudentPolicy(spec.obs_dim, spec.act_dim, spec.diffusion_steps, student_steps, hidden_dim, num_layers)
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / iterations)))
+    losses = []
+    bar = tqdm(range(iterations), desc="distilling", unit="it", disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        idx = torch.randint(0, states.shape[0], (batch_size,), generator=gen)
+        obs = states[idx]
+        noise = torch.randn(batch_size, spec.diffusion_steps, spec.act_dim, generator=gen)
+        with torch.no_grad():
+            target = teacher.sample(obs, noise)
+        loss = bounded_regression_loss(student.raw(obs, noise), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        losses.append(loss.item())
+        if len(losses) % 100 == 0:
+            bar.set_postfix_str(f"loss {np.mean(losses[-100:]):.2e}")
+    return student.eval(), losses

@@ -1,0 +1,215 @@
+"""qsm-export: graph, parity, contract, bounds, gates and CLI errors, on tiny policies."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qsm_robot.cli.export import main as export_main
+from qsm_robot.cli.train import main as train_main
+from qsm_robot.export import exporter
+from qsm_robot.export.contract import ContractError, ModelContract
+from qsm_robot.export.runtime import make_session, read_contract
+from qsm_robot.export.student import ActuatorPolicy, StudentPolicy, TeacherSampler
+from qsm_robot.qsm.policy import DiffusionPolicy, PolicySpec
+
+FAST = ["--distill-iterations", "150", "--distill-batch", "128", "--student-hidden", "32", "--state-episodes", "1",
+        "--eval-episodes", "2", "--latency-calls", "200", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny trained run (smoke preset, 300 steps)."""
+    run = tmp_path_factory.mktemp("export") / "run"
+    assert train_main(["--preset", "smoke", "--steps", "300", "--learning-starts", "100", "--threads", "1",
+                       "--run-dir", str(run)]) == 0
+    return run
+
+
+def tiny_spec(act_low=(-2.0, 0.0), act_high=(3.0, 0.5)) -> PolicySpec:
+    return PolicySpec(task="cartpole-swingup", obs_dim=4, act_dim=2, obs_layout=[["x", 0, 4]], action_low=list(act_low),
+                      action_high=list(act_high), control_period_s=0.01, action_repeat=1, hidden_dim=16, num_layers=2,
+                      time_dim=8, fourier_dim=4, schedule="vp", diffusion_steps=4, temperature=1.0, clip_sample=True, step=0)
+
+
+def contract_for(spec: PolicySpec) -> ModelContract:
+    return ModelContract(task=spec.task, obs_dim=spec.obs_dim, obs_layout=spec.obs_layout, act_dim=spec.act_dim,
+                         action_low=spec.action_low, action_high=spec.action_high, control_period_s=0.01, action_repeat=1,
+                         sampler="student", sampler_steps=1, teacher_steps=spec.diffusion_steps, schedule="vp",
+                         noise_shape=["batch", spec.diffusion_steps, spec.act_dim], teacher_sha256="0" * 64, teacher_step=0)
+
+
+def exported_pair(kind: str):
+    torch.manual_seed(0)
+    spec = tiny_spec()
+    sampler = StudentPolicy(4, 2, spec.diffusion_steps, steps=2, hidden_dim=16) if kind == "student" \
+        else TeacherSampler(DiffusionPolicy(spec))
+    module = ActuatorPolicy(sampler, spec.action_low, spec.action_high).eval()
+    model = exporter.to_onnx(module, spec.obs_dim, (spec.diffusion_steps, spec.act_dim), contract_for(spec))
+    return spec, module, model
+
+
+@pytest.mark.parametrize("kind", ["student", "teacher"])
+def test_onnx_matches_torch_and_has_no_random_ops(kind):
+    spec, module, model = exported_pair(kind)
+    gate = exporter.check_graph(model)
+    assert gate["passed"] and gate["random_ops"] == [] and model.ir_version <= 10
+    session = make_session(model.SerializeToString())
+    rng = np.random.default_rng(0)
+    obs = rng.standard_normal((1000, 4)).astype(np.float32) * 3
+    noise = rng.standard_normal((1000, 4, 2)).astype(np.float32)
+    ours = session.run(None, {"obs": obs, "noise": noise})[0]
+    with torch.no_grad():
+        ref = module(torch.from_numpy(obs), torch.from_numpy(noise)).numpy()
+    assert ours.shape == (1000, 2)
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["student", "teacher"])
+def test_actions_are_rescaled_to_and_clipped_at_the_actuator_bounds(kind):
+    spec, module, model = exported_pair(kind)
+    session = make_session(model.SerializeToString())
+    for value in (1e6, -1e6):
+        obs = np.full((8, 4), value, np.float32)
+        noise = np.full((8, 4, 2), value, np.float32)
+        action = session.run(None, {"obs": obs, "noise": noise})[0]
+        assert np.isfinite(action).all()
+        assert (action >= np.array(spec.action_low, np.float32)).all() and (action <= np.array(spec.action_high, np.float32)).all()
+    # The [-1, 1] -> actuator map: low + (a + 1) / 2 * (high - low).
+    obs, noise = torch.randn(16, 4), torch.randn(16, 4, 2)
+    with torch.no_grad():
+        a = module.sampler(obs, noise).clamp(-1, 1).numpy()
+    got = session.run(None, {"obs": obs.numpy(), "noise": noise.numpy()})[0]
+    expected = np.array([-2.0, 0.0]) + (a + 1) / 2 * np.array([5.0, 0.5])
+    assert np.allclose(got, expected, atol=1e-5)
+
+
+def test_contract_round_trip_and_errors():
+    c = contract_for(tiny_spec())
+    c.verification = {"parity": {"max_abs_diff": 1e-7}}
+    assert ModelContract.from_metadata(c.to_metadata()) == c
+    meta = c.to_metadata()
+    with pytest.raises(ContractError, match="lacks qsm_robot.act_dim"):
+        ModelContract.from_metadata({k: v for k, v in meta.items() if k != "qsm_robot.act_dim"})
+    with pytest.raises(ContractError, match="contract version 7 is not supported"):
+        ModelContract.from_metadata({**meta, "qsm_robot.format_version": "7"})
+
+
+def test_cli_exports_a_verified_model_with_its_contract_and_report(run_dir, tmp_path, capsys):
+    out = tmp_path / "models" / "tiny.onnx"
+    assert export_main([str(run_dir), "--out", str(out), "--min-retention", "0"] + FAST) == 0
+    text = capsys.readouterr().out
+    assert "qsm-export summary: PASSED" in text and "p99.9" in text
+    contract = read_contract(make_session(out))
+    assert (contract.task, contract.obs_dim, contract.act_dim, contract.sampler, contract.sampler_steps) == \
+        ("cartpole-swingup", 5, 1, "student", 1)
+    assert contract.noise_shape == ["batch", 5, 1] and contract.teacher_step == 300
+    assert contract.teacher_sha256 == exporter.teacher_sha256(run_dir / "checkpoints" / "step_000000300")
+    assert contract.verification["parity"]["max_abs_diff"] <= 1e-5
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["passed"] and set(report["gates"]) == {"graph", "parity", "retention", "latency"}
+    assert out.with_suffix(".actions.png").stat().st_size > 10_000
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_teacher_export_matches_the_torch_sampler(run_dir, tmp_path):
+    out = tmp_path / "teacher.onnx"
+    assert export_main([str(run_dir), "--out", str(out), "--teacher", "--min-retention", "0"] + FAST) == 0
+    from qsm_robot.qsm.policy import load_policy
+
+    policy = load_policy(run_dir)
+    session = make_session(out)
+    assert read_contract(session).sampler_steps == 5
+    obs, noise = torch.randn(1000, 5), torch.randn(1000, 5, 1)
+    with torch.no_grad():
+        ref = policy.to_actuator(policy.sample(obs, noise)).numpy()
+    assert np.abs(session.run(None, {"obs": obs.numpy(), "noise": noise.numpy()})[0] - ref).max() <= 1e-5
+
+
+def test_a_broken_student_fails_the_retention_gate_and_leaves_no_file(run_dir, tmp_path, monkeypatch, capsys):
+    def broken_distill(teacher, *args, **kwargs):
+        student = StudentPolicy(5, 1, 5, steps=1, hidden_dim=8)
+        with torch.no_grad():
+            student.net[-1].weight.zero_()
+            student.net[-1].bias.zero_()  # always the middle action: the pole never swings up
+        return student.eval(), [0.0]
+
+    monkeypatch.setattr(exporter, "distill", broken_distill)
+    out = tmp_path / "broken.onnx"
+    assert export_main([str(run_dir), "--out", str(out)] + FAST) == 1
+    assert "gate(s) failed: retention" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert export_main([str(run_dir), "--out", str(out), "--force"] + FAST) == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["passed"] is False and report["gates"]["retention"]["passed"] is False
+
+
+def test_parity_gate_catches_a_graph_that_differs_from_torch(run_dir, tmp_path, monkeypatch, capsys):
+    real = exporter.to_onnx
+
+    def tampered(module, *args):
+        import copy
+
+        other = copy.deepcopy(module)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(0.05)
+        return real(other, *args)
+
+    monkeypatch.setattr(exporter, "to_onnx", tampered)
+    assert export_main([str(run_dir), "--out", str(tmp_path / "m.onnx"), "--min-retention", "0"] + FAST) == 1
+    assert "gate(s) failed: parity" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def damage(run_dir, tmp_path, how):
+    import shutil
+
+    run = tmp_path / "damaged"
+    shutil.copytree(run_dir, run)
+    ckpt = run / "checkpoints" / "step_000000300"
+    spec = json.loads((ckpt / "policy.json").read_text())
+    if how == "corrupt":
+        (ckpt / "policy.safetensors").write_bytes(b"garbage")
+    elif how == "version":
+        (ckpt / "policy.json").write_text(json.dumps({**spec, "format_version": 2}))
+    return run
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "does not exist"),
+    ("corrupt", "cannot read the policy"),
+    ("version", "policy format version 2 is not supported"),
+    ("K>=T", "--student-steps must be in 1..4"),
+    ("unwritable", "cannot write to"),
+    ("suffix", "must name a .onnx file"),
+])
+def test_bad_input_is_one_clear_line(run_dir, tmp_path, capsys, case, message):
+    source, out, extra = str(run_dir), tmp_path / "m.onnx", []
+    if case == "missing":
+        source = str(tmp_path / "nope")
+    elif case in ("corrupt", "version"):
+        source = str(damage(run_dir, tmp_path, case))
+    elif case == "K>=T":
+        extra = ["--student-steps", "5"]
+    elif case == "unwritable":
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        out = blocker / "m.onnx"
+    elif case == "suffix":
+        out = tmp_path / "m.pt"
+    assert export_main([source, "--out", str(out)] + extra + FAST) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()
+
+
+def test_contract_and_runtime_import_no_torch():
+    code = ("import sys, qsm_robot.export.contract, qsm_robot.export.runtime; "
+            "bad = [m for m in ('torch', 'mujoco', 'dm_control', 'gymnasium') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

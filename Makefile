@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   set up (first time only), then train a QSM policy on cartpole-swingup briefly
+#   make demo   set up (first time only), then train -> export -> serve on cartpole-swingup (qsm-demo)
 #   make test   set up (first time only), then run the test suite
 # Set-up is a project-local virtual environment in .venv; it is redone when pyproject.toml or
 # constraints.txt change. TORCH may name another build, e.g. TORCH="torch==2.13.0" (default).
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/qsm-train --preset fast --steps 30000 --learning-starts 5000 --eval-every 5000 --eval-episodes 5
+	$(BIN)/qsm-demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

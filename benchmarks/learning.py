@@ -28,9 +28,9 @@ def main() -> None:
     p.add_argument("--preset", default="reference")
     p.add_argument("--task", default="cartpole-swingup")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=50_000)
-    p.add_argument("--learning-starts", type=int, default=10_000)
-    p.add_argument("--eval-every", type=int, default=5_000)
+    p.add_argument("--steps", type=int, default=50_000, help="environment (physics control) steps")
+    p.add_argument("--learning-starts", type=int, default=10_000, help="random-action environment steps")
+    p.add_argument("--eval-every", type=int, default=5_000, help="environment steps between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--target", type=float, default=600.0)
@@ -38,20 +38,25 @@ def main() -> None:
 
     rows = []
     for seed in args.seeds:
+        # The preset's action repeat turns environment steps into policy steps (what qsm-train counts).
+        repeat = preset_config(args.preset).action_repeat
         cfg = preset_config(
-            args.preset, task=args.task, seed=seed, steps=args.steps, learning_starts=args.learning_starts,
-            eval_every=args.eval_every, eval_episodes=args.eval_episodes, threads=args.threads, device="cpu",
+            args.preset, task=args.task, seed=seed, steps=args.steps // repeat,
+            learning_starts=args.learning_starts // repeat, eval_every=args.eval_every // repeat,
+            eval_episodes=args.eval_episodes, threads=args.threads, device="cpu",
             run_dir=str(OUT / "runs" / f"{args.task}__{args.preset}__seed{seed}__{time.strftime('%Y%m%d-%H%M%S')}"),
         )
         run_dir = prepare_run_dir(cfg)
         result = Trainer(cfg, run_dir).run()
+        if result.interrupted is not None:
+            raise SystemExit(f"interrupted by signal {result.interrupted}; {run_dir} can be resumed with qsm-train --resume")
         evals = read_csv(run_dir / "eval.csv")
         hit = next((r for r in evals if float(r["return_mean"]) >= args.target), None)
         rows.append({
             "preset": args.preset, "seed": seed, "run_dir": str(run_dir), "wall_s": round(result.wall_s, 1),
             "updates_per_s": round(result.updates_per_s, 1),
-            "target_step": hit and int(hit["step"]), "target_wall_s": hit and float(hit["time_s"]),
-            **{f"eval@{int(r['step']) // 1000}k": round(float(r["return_mean"]), 1) for r in evals},
+            "target_env_step": hit and int(hit["step"]) * repeat, "target_wall_s": hit and float(hit["time_s"]),
+            **{f"eval@{int(r['step']) * repeat // 1000}k": round(float(r["return_mean"]), 1) for r in evals},
         })
         print(f"seed {seed} done: final eval {result.final_eval:.1f}, {result.wall_s:.0f} s", file=sys.stderr)
 
@@ -76,9 +81,9 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for r in rows:
         evals = read_csv(Path(r["run_dir"]) / "eval.csv")
-        ax.plot([int(e["step"]) for e in evals], [float(e["return_mean"]) for e in evals], "-o", label=f"seed {r['seed']}")
+        ax.plot([int(e["step"]) * repeat for e in evals], [float(e["return_mean"]) for e in evals], "-o", label=f"seed {r['seed']}")
     ax.axhline(args.target, color="gray", ls="--", lw=1)
-    ax.set(xlabel="environment steps", ylabel="eval return", title=f"QSM {args.task}, preset {args.preset}")
+    ax.set(xlabel="environment steps (physics control steps)", ylabel="eval return", title=f"QSM {args.task}, preset {args.preset}")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,0 +1,313 @@
+"""The serving node: answers every robot state with a command inside the latency budget.
+
+Timing: each STATE is answered as soon as it arrives (the policy runs on a worker thread and the
+tick gives up on it at the budget, sending the fallback command). Periodic work (staleness,
+status) runs on an absolute schedule of the monotonic clock: deadline k is t0 + k * period,
+never "one period after the work". At most one state is evaluated per half period, so a flood
+of states cannot drive the policy faster than twice the nominal rate.
+
+States: IDLE -> (ARM) -> ARMED -> (first good state) -> RUNNING; ESTOP, too many consecutive
+misses or stale ticks -> SAFE_STOP (ARM to leave); DISARM -> IDLE. An unexpected error inside a
+tick -> FAULT (the node keeps answering with the safe command; restart to leave). Every state
+is answered: with the policy's command while RUNNING, with the safe command otherwise.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from qsm_robot.serve import protocol as P
+from qsm_robot.serve.policy_runner import PolicyRunner
+from qsm_robot.serve.profile import Profile, check_contract
+from qsm_robot.serve.safety import SafetyChain, SafetyConfig
+from qsm_robot.serve.telemetry import MISS_BIT, STALE_BIT, FlightRecorder, percentiles
+
+STATUS_FIELDS = ("node_state", "ticks", "misses", "stale", "fallbacks", "bounds_clamped", "rate_clamped",
+                 "state_invalid", "action_invalid", "obs_out_of_range", "malformed", "p50_us", "p99_us", "max_us")
+
+
+def is_loopback(endpoint: str) -> bool:
+    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0]
+    return endpoint.startswith(("ipc://", "inproc://")) or host in ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+@dataclass
+class Counters:
+    ticks: int = 0
+    misses: int = 0
+    stale: int = 0
+    malformed: int = 0
+    replayed: int = 0
+    deferred: int = 0
+    overruns: int = 0
+    safe_stops: int = 0
+    errors: int = 0
+    reasons: list = field(default_factory=list)
+
+
+class ServeNode:
+    def __init__(self, model: str | Path, profile: Profile, seed: int = 0, log=None, allow_remote: bool = False):
+        self.profile, self.log = profile, log or (lambda m: print(m, file=sys.stderr, flush=True))
+        for name, endpoint in vars(profile.endpoints).items():
+            if not is_loopback(endpoint) and not allow_remote:
+                raise ValueError(f"endpoint {name}={endpoint} is not loopback: pass --allow-remote to expose the "
+                                 "control channel beyond this host")
+        self.runner = PolicyRunner(model, seed=seed)
+        check_contract(profile, self.runner.contract)
+        arr = lambda v: None if v is None else np.asarray(v, np.float32)  # noqa: E731
+        self.safety = SafetyChain(SafetyConfig(
+            obs_dim=profile.obs_dim, act_dim=profile.act_dim, action_low=arr(profile.action_low),
+            action_high=arr(profile.action_high), safe_command=arr(profile.safe_command),
+            max_delta=arr(profile.max_delta_per_tick), fallback=profile.fallback, obs_low=arr(profile.obs_low),
+            obs_high=arr(profile.obs_high), obs_out_of_range_fallback=profile.obs_out_of_range_fallback,
+            soft_start_ticks=profile.soft_start_ticks, soft_start_delta=arr(profile.soft_start_delta),
+        ))
+        self.state = P.NodeState.IDLE
+        self.counters = Counters()
+        self.recorder = FlightRecorder(profile.obs_dim, profile.act_dim)
+        self.period_ns = int(round(1e9 / profile.rate_hz))
+        self.budget_ns = int(profile.latency_budget_ms * 1e6)
+        self.stale_ns = profile.stale_periods * self.period_ns
+        self._stop = False
+        self._seq = 0
+        self._last_state_seq: int | None = None
+        self._last_good_ns: int | None = None
+        self._offset_ns: int | None = None
+        self._consecutive_misses = self._consecutive_stale = 0
+        self._last_eval_ns = -(10**18)
+        self._pending: tuple[bytes, int] | None = None
+        self.spin_ns = int(profile.spin_us * 1e3)
+        self._expected_ns: int | None = None  # when the next state should arrive
+
+        self.ctx = zmq.Context.instance()
+        self.state_sock = self._socket(zmq.SUB, profile.endpoints.state, conflate=True)
+        self.state_sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.command_sock = self._socket(zmq.PUB, profile.endpoints.command, conflate=False)
+        self.control_sock = self._socket(zmq.ROUTER, profile.endpoints.control, conflate=False)
+
+    def _socket(self, kind: int, endpoint: str, conflate: bool) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if conflate:
+            sock.setsockopt(zmq.CONFLATE, 1)  # keep only the newest message: never act on a queue of old states
+        else:
+            sock.setsockopt(zmq.SNDHWM, 100)
+            sock.setsockopt(zmq.RCVHWM, 100)
+        if kind == zmq.ROUTER:
+            sock.setsockopt(zmq.MAXMSGSIZE, 4096)
+        sock.bind(endpoint)
+        return sock
+
+    # --- state machine ---------------------------------------------------------------------
+    def _enter(self, state: P.NodeState, reason: str) -> None:
+        if state != self.state:
+            self.log(f"qsm-serve: {self.state.name} -> {state.name}: {reason}")
+            if state == P.NodeState.SAFE_STOP:
+                self.counters.safe_stops += 1
+                self.counters.reasons.append(reason)
+            self.state = state
+        if state in (P.NodeState.SAFE_STOP, P.NodeState.IDLE):
+            self._consecutive_misses = self._consecutive_stale = 0
+
+    def _handle_control(self) -> None:
+        while True:
+            try:
+                parts = self.control_sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(parts) != 2:
+                self.counters.malformed += 1
+                continue
+            identity, frame = parts
+            try:
+                msg = P.decode(frame)
+            except P.ProtocolError:
+                self.counters.malformed += 1
+                continue
+            if msg.type == P.MsgType.ARM:
+                if self.state == P.NodeState.FAULT:
+                    self.log("qsm-serve: ARM refused: the node is in FAULT; restart it")
+                elif self.state in (P.NodeState.IDLE, P.NodeState.SAFE_STOP):
+                    self.safety.arm()
+                    self._last_good_ns = None
+                    self._enter(P.NodeState.ARMED, "arm requested")
+            elif msg.type == P.MsgType.DISARM:
+                if self.state != P.NodeState.FAULT:
+                    self._enter(P.NodeState.IDLE, "disarm requested")
+            elif msg.type == P.MsgType.ESTOP:
+                self._enter(P.NodeState.SAFE_STOP, "e-stop")
+            elif msg.type != P.MsgType.HEARTBEAT:
+                self.counters.malformed += 1
+                continue
+            self._seq += 1
+            try:
+                self.control_sock.send_multipart([identity, P.encode(P.MsgType.STATUS, self._seq, self.status_values(), ref=msg.seq)], zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def status_values(self) -> list[float]:
+        c, s = self.counters, self.safety.counts
+        lat = self.latency_us()
+        return [int(self.state), c.ticks, c.misses, c.stale, s["fallbacks"], s["bounds_clamped"], s["rate_clamped"],
+                s["state_invalid"], s["action_invalid"], s["obs_out_of_range"], c.malformed,
+                lat["p50"], lat["p99"], lat["max"]]
+
+    def answered_rate_hz(self) -> float:
+        """States answered per second, from the first to the last answered state."""
+        t = self.recorder.data["t_recv_ns"]
+        return (len(t) - 1) / ((t[-1] - t[0]) / 1e9) if len(t) > 1 and t[-1] > t[0] else 0.0
+
+    def latency_us(self, last: int = 5000) -> dict[str, float]:
+        d = self.recorder.data[-last:]
+        return percentiles((d["t_send_ns"] - d["t_recv_ns"]) / 1e3)
+
+    # --- one answered state -----------------------------------------------------------------
+    def _answer(self, frame: bytes, t_recv: int) -> None:
+        try:
+            msg = P.decode(frame)
+        except P.ProtocolError:
+            self.counters.malformed += 1
+            return
+        if msg.type != P.MsgType.STATE:
+            self.counters.malformed += 1
+            return
+        restart = bool(msg.flags & 2)  # the robot's first message after its (re)start
+        if self._last_state_seq is not None and msg.seq <= self._last_state_seq and not restart:
+            self.counters.replayed += 1  # old, replayed or out-of-order: never act on it
+            return
+        self._last_state_seq = msg.seq
+        transit = t_recv - msg.t_ns
+        self._offset_ns = transit if self._offset_ns is None or restart else min(self._offset_ns, transit)
+        age = transit - self._offset_ns
+        self.counters.ticks += 1
+        obs = msg.payload
+        usable, flags = self.safety.check_state(obs)
+        stale = age > self.stale_ns
+        if stale:
+            self.counters.stale += 1
+            flags |= STALE_BIT
+            usable = False
+        if usable:
+            self._last_good_ns = t_recv
+        policy_us = float("nan")
+        cmd_flags = 0
+        if self.state == P.NodeState.ARMED and usable:
+            self._enter(P.NodeState.RUNNING, "first good state after arming")
+        if self.state == P.NodeState.RUNNING:
+            if not usable:
+                result = self.safety.fallback_command(flags)
+                self._consecutive_stale += 1
+            else:
+                self._consecutive_stale = 0
+                action = self.runner.run(obs, (self.budget_ns - (time.monotonic_ns() - t_recv)) / 1e9)
+                if action is not None and time.monotonic_ns() - t_recv > self.budget_ns:
+                    action = None  # finished, but past the budget: too late to use
+                if action is None:
+                    self.counters.misses += 1
+                    self._consecutive_misses += 1
+                    result = self.safety.fallback_command(flags | MISS_BIT)
+                else:
+                    policy_us = self.runner.last_run_us
+                    result = self.safety.filter_action(action, flags)
+                    self._consecutive_misses = self._consecutive_misses + 1 if result.fallback else 0
+            command, flags = result.command, result.flags
+            cmd_flags = int(P.CommandFlag.FALLBACK) if result.fallback else 0
+            if self._consecutive_misses >= self.profile.max_consecutive_misses:
+                self._enter(P.NodeState.SAFE_STOP, f"{self._consecutive_misses} consecutive deadline misses or bad actions")
+            elif self._consecutive_stale >= self.profile.max_consecutive_stale:
+                self._enter(P.NodeState.SAFE_STOP, f"{self._consecutive_stale} consecutive stale or invalid states")
+        else:
+            command = self.safety.safe_command()
+            cmd_flags = int(P.CommandFlag.SAFE)
+        self._seq += 1
+        self.command_sock.send(P.encode(P.MsgType.COMMAND, self._seq, command, ref=msg.seq, flags=cmd_flags))
+        self.recorder.add(t_recv, time.monotonic_ns(), msg.seq, msg.t_ns, policy_us, int(self.state), flags, command,
+                          obs if obs.shape == (self.profile.obs_dim,) else None)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def _periodic(self, now: int) -> None:
+        if self.state == P.NodeState.RUNNING and self._last_good_ns is not None and now - self._last_good_ns > self.stale_ns:
+            self.counters.stale += 1
+            self._consecutive_stale += 1
+            if self._consecutive_stale >= self.profile.max_consecutive_stale:
+                self._enter(P.NodeState.SAFE_STOP, f"no fresh state for {(now - self._last_good_ns) / 1e6:.1f} ms")
+
+    def request_stop(self, *_) -> None:
+        self._stop = True
+
+    def run(self, duration_s: float | None = None, status_every_s: float = 1.0, status=None) -> None:
+        poller = zmq.Poller()
+        poller.register(self.state_sock, zmq.POLLIN)
+        poller.register(self.control_sock, zmq.POLLIN)
+        start = deadline = time.monotonic_ns()
+        end = None if duration_s is None else start + int(duration_s * 1e9)
+        next_status = start + int(status_every_s * 1e9)
+        min_gap = self.period_ns // 2
+        while not self._stop and (end is None or time.monotonic_ns() < end):
+            now = time.monotonic_ns()
+            wake = deadline + self.period_ns
+            if self._pending is not None:
+                wake = min(wake, self._last_eval_ns + min_gap)
+            # Around the expected arrival of the next state, spin (poll without blocking): a core
+            # that went idle takes hundreds of microseconds to wake on a message.
+            if self._expected_ns is not None and self.spin_ns:
+                spin_from, spin_to = self._expected_ns - self.spin_ns, self._expected_ns + self.spin_ns
+                if spin_from <= now < spin_to:
+                    wake = now
+                elif now < spin_from:
+                    wake = min(wake, spin_from)
+            left = wake - now
+            if 0 < left < 1_500_000:  # poll() counts whole milliseconds: sleep short waits instead
+                time.sleep(left / 1e9)
+                left = 0
+            events = dict(poller.poll(max(0, left // 1_000_000)))
+            try:
+                if self.control_sock in events:
+                    self._handle_control()
+                if self.state_sock in events:
+                    try:
+                        self._pending = (self.state_sock.recv(zmq.NOBLOCK), time.monotonic_ns())
+                    except zmq.Again:
+                        pass
+                now = time.monotonic_ns()
+                if self._pending is not None:
+                    if now - self._last_eval_ns >= min_gap:
+                        frame, t_recv = self._pending
+                        self._pending = None
+                        self._last_eval_ns = now
+                        self._expected_ns = t_recv + self.period_ns
+                        self._answer(frame, t_recv)
+                    else:
+                        self.counters.deferred += 1
+                if now >= deadline + self.period_ns:
+                    passed = (now - deadline) // self.period_ns
+                    self.counters.overruns += max(0, passed - 1)
+                    deadline += passed * self.period_ns
+                    self._periodic(now)
+                if status is not None and now >= next_status:
+                    next_status += int(status_every_s * 1e9)
+                    status(self)
+            except Exception as exc:  # never let the loop die: go to FAULT and keep answering safely
+                self.counters.errors += 1
+                self._enter(P.NodeState.FAULT, f"internal error: {type(exc).__name__}: {exc}")
+        # Hand over: one last safe command, then the robot's watchdog is in charge.
+        self._seq += 1
+        self.command_sock.send(P.encode(P.MsgType.COMMAND, self._seq, self.safety.safe_command(),
+                                        ref=self._last_state_seq or 0, flags=int(P.CommandFlag.SAFE)))
+
+    def close(self) -> None:
+        self.runner.close()
+        for s in (self.state_sock, self.command_sock, self.control_sock):
+            s.close(0)
+
+
+def install_signal_handlers(node: ServeNode) -> None:
+    signal.signal(signal.SIGINT, node.request_stop)
+    signal.signal(signal.SIGTERM, node.request_stop)

@@ -1,0 +1,171 @@
+"""Deployment profiles: JSON files in deploy/profiles/, validated on load (no torch).
+
+A profile is one robot/host setup: control rate, latency budget, watchdog periods, actuator
+bounds, safe command, rate limits and the ZeroMQ endpoints. ``check_contract`` refuses a model
+whose contract does not fit the profile, naming each mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qsm_robot.export.contract import ModelContract
+
+PROFILE_VERSION = 1
+
+
+class ProfileError(ValueError):
+    """An invalid profile, or a model that does not match it; the message names the field."""
+
+
+@dataclass
+class Endpoints:
+    state: str = "tcp://127.0.0.1:5601"
+    """Robot PUB -> node SUB: STATE messages."""
+    command: str = "tcp://127.0.0.1:5602"
+    """Node PUB -> robot SUB: COMMAND messages."""
+    control: str = "tcp://127.0.0.1:5603"
+    """Node ROUTER <- operator DEALER: ARM, DISARM, ESTOP, HEARTBEAT (status request) -> STATUS."""
+
+
+@dataclass
+class RobotSettings:
+    watchdog_periods: int = 5
+    """No fresh command for this many periods -> the robot applies its safe command."""
+    episode_steps: int = 1000
+    """Control steps per simulated episode."""
+
+
+@dataclass
+class Profile:
+    name: str
+    task: str
+    """The dm_control task the model must have been trained on."""
+    obs_dim: int
+    act_dim: int
+    action_low: list[float]
+    """Actuator bounds of this robot; the model's contract must carry the same."""
+    action_high: list[float]
+    safe_command: list[float]
+    rate_hz: float = 100.0
+    """Control rate, 50 to 1000 Hz."""
+    latency_budget_ms: float = 2.0
+    """State-in to command-out budget of one tick; the policy must finish inside it."""
+    check_control_period: bool = True
+    """Refuse a model trained at another control period (turn off only for timing benchmarks)."""
+    stale_periods: int = 3
+    """A state older than this many periods (or no new state for as long) is stale."""
+    max_consecutive_misses: int = 10
+    """Consecutive deadline misses that send the node to safe-stop."""
+    max_consecutive_stale: int = 25
+    """Consecutive ticks without a usable state that send the node to safe-stop."""
+    fallback: str = "hold"
+    """On a miss or a bad state: 'hold' the last command or send the 'safe' command."""
+    spin_us: float = 0.0
+    """Busy-wait this long before (and after) a message is expected instead of sleeping: a core
+    that went idle takes hundreds of microseconds to wake. 0 turns spinning off (saves CPU)."""
+    max_delta_per_tick: list[float] | None = None
+    """Per-actuator change limit per tick; null turns the rate limiter off. Default: 10% of the range."""
+    soft_start_ticks: int = 0
+    """After arming, the rate limit ramps up from soft_start_delta over this many ticks."""
+    soft_start_delta: list[float] | None = None
+    obs_low: list[float] | None = None
+    """Observation envelope (from calibration); outside it a state is flagged."""
+    obs_high: list[float] | None = None
+    obs_out_of_range_fallback: bool = False
+    """Also send the fallback command when a state is outside the envelope."""
+    endpoints: Endpoints = field(default_factory=Endpoints)
+    robot: RobotSettings = field(default_factory=RobotSettings)
+    profile_version: int = PROFILE_VERSION
+
+    @property
+    def period_s(self) -> float:
+        return 1.0 / self.rate_hz
+
+    def validate(self) -> "Profile":
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ProfileError(f"profile {self.name!r}: {name}: {rule}, got {getattr(self, name, None)!r}")
+
+        need(self.profile_version == PROFILE_VERSION, "profile_version", f"must be {PROFILE_VERSION}")
+        need(50 <= self.rate_hz <= 1000, "rate_hz", "must be in [50, 1000]")
+        need(0 < self.latency_budget_ms * 1e-3 < self.period_s, "latency_budget_ms", "must be > 0 and below the period")
+        for name in ("stale_periods", "max_consecutive_misses", "max_consecutive_stale"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        need(self.soft_start_ticks >= 0, "soft_start_ticks", "must be >= 0")
+        need(0 <= self.spin_us * 1e-6 < self.period_s / 2, "spin_us", "must be >= 0 and below half the period")
+        need(self.fallback in ("hold", "safe"), "fallback", "must be 'hold' or 'safe'")
+        need(self.obs_dim >= 1 and self.act_dim >= 1, "act_dim", "obs_dim and act_dim must be >= 1")
+        for name in ("action_low", "action_high", "safe_command", "max_delta_per_tick", "soft_start_delta"):
+            value = getattr(self, name)
+            need(value is None or len(value) == self.act_dim, name, f"must have act_dim={self.act_dim} values")
+        for name in ("obs_low", "obs_high"):
+            value = getattr(self, name)
+            need(value is None or len(value) == self.obs_dim, name, f"must have obs_dim={self.obs_dim} values")
+        need((self.obs_low is None) == (self.obs_high is None), "obs_high", "obs_low and obs_high come together")
+        low, high = np.array(self.action_low), np.array(self.action_high)
+        need(bool((low < high).all()), "action_high", "must be above action_low")
+        safe = np.array(self.safe_command)
+        need(bool(((safe >= low) & (safe <= high)).all()), "safe_command", "must lie within the actuator bounds")
+        need(self.max_delta_per_tick is None or min(self.max_delta_per_tick) > 0, "max_delta_per_tick", "must be > 0")
+        need(self.robot.watchdog_periods >= 1, "robot", "robot.watchdog_periods must be >= 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Profile":
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        name = data.get("name", "?")
+        if unknown:
+            raise ProfileError(f"profile {name!r}: unknown keys {sorted(unknown)}")
+        required = {"name", "task", "obs_dim", "act_dim", "action_low", "action_high", "safe_command"}
+        if required - set(data):
+            raise ProfileError(f"profile {name!r}: missing keys {sorted(required - set(data))}")
+        data = dict(data)
+        try:
+            data["endpoints"] = Endpoints(**data.get("endpoints", {}))
+            data["robot"] = RobotSettings(**data.get("robot", {}))
+            profile = cls(**data)
+        except TypeError as exc:
+            raise ProfileError(f"profile {name!r}: {exc}") from None
+        if profile.max_delta_per_tick is None and "max_delta_per_tick" not in data:
+            profile.max_delta_per_tick = [0.1 * (h - lo) for lo, h in zip(profile.action_low, profile.action_high)]
+        return profile.validate()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ProfileError(f"profile {path} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+def check_contract(profile: Profile, contract: ModelContract) -> None:
+    """Raise ProfileError listing every way the model does not fit the profile."""
+    problems = []
+    if contract.task != profile.task:
+        problems.append(f"task: model {contract.task!r}, profile {profile.task!r}")
+    if contract.obs_dim != profile.obs_dim:
+        problems.append(f"obs_dim: model {contract.obs_dim}, profile {profile.obs_dim}")
+    if contract.act_dim != profile.act_dim:
+        problems.append(f"act_dim: model {contract.act_dim}, profile {profile.act_dim}")
+    for name in ("action_low", "action_high"):
+        ours, theirs = np.array(getattr(profile, name)), np.array(getattr(contract, name))
+        if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=0, atol=1e-6):
+            problems.append(f"{name}: model {list(theirs)}, profile {list(ours)}")
+    if profile.check_control_period and abs(contract.control_period_s - profile.period_s) > 0.01 * profile.period_s:
+        problems.append(f"control period: model {contract.control_period_s * 1e3:.3f} ms, profile "
+                        f"{profile.period_s * 1e3:.3f} ms ({profile.rate_hz} Hz)")
+    if problems:
+        raise ProfileError(f"model does not match profile {profile.name!r}: " + "; ".join(problems))

@@ -1,0 +1,99 @@
+"""Wire format of qsm-robot's control channels (docs/PROTOCOL.md is the normative text).
+
+Every message is one ZeroMQ frame: a 32-byte little-endian header, then ``count`` float32
+values. No pickle, no variable-length text on the hot path.
+
+    offset size type     field
+    0      4    bytes    magic b"QSMR"
+    4      1    uint8    protocol version (PROTOCOL_VERSION)
+    5      1    uint8    message type (MsgType)
+    6      2    uint16   flags (bit meanings per type; 0 when unused)
+    8      8    uint64   sequence number (per sender and channel, +1 per message)
+    16     8    int64    sender's monotonic clock, nanoseconds
+    24     4    uint32   ref: sequence number this message answers (COMMAND: the STATE's), else 0
+    28     4    uint32   count: number of float32 values that follow
+    32     4*count       float32 payload
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+MAGIC = b"QSMR"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("<4sBBHQqII")
+HEADER_SIZE = HEADER.size  # 32
+MAX_COUNT = 4096  # no valid message carries more floats
+
+
+class MsgType(IntEnum):
+    STATE = 1       # robot -> node: observation (payload: obs), flags bit0: episode start
+    COMMAND = 2     # node -> robot: actuator command (payload: action), ref = answered STATE seq
+    ARM = 3         # operator -> node
+    DISARM = 4      # operator -> node
+    ESTOP = 5       # operator -> node
+    STATUS = 6      # node -> operator: reply to a control message / status request
+    HEARTBEAT = 7   # either way: liveness, no payload
+
+
+class NodeState(IntEnum):
+    IDLE = 0
+    ARMED = 1
+    RUNNING = 2
+    SAFE_STOP = 3
+    FAULT = 4
+
+
+class CommandFlag(IntEnum):
+    POLICY = 0          # the policy's action after the safety chain
+    FALLBACK = 1        # bit0: a fallback (hold last safe / safe command)
+    SAFE = 2            # bit1: the node's safe command (not running, e-stop, safe-stop)
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message; the reason is in the text."""
+
+
+@dataclass(frozen=True)
+class Message:
+    type: MsgType
+    seq: int
+    t_ns: int
+    payload: np.ndarray
+    ref: int = 0
+    flags: int = 0
+    version: int = PROTOCOL_VERSION
+
+
+def now_ns() -> int:
+    return time.monotonic_ns()
+
+
+def encode(type: MsgType, seq: int, payload=(), ref: int = 0, flags: int = 0, t_ns: int | None = None) -> bytes:
+    data = np.ascontiguousarray(payload, dtype="<f4").ravel()
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(type), flags, seq, now_ns() if t_ns is None else t_ns,
+                       ref & 0xFFFFFFFF, data.size) + data.tobytes()
+
+
+def decode(frame: bytes) -> Message:
+    """Parse one frame; raises ProtocolError for anything malformed (never another exception)."""
+    if len(frame) < HEADER_SIZE:
+        raise ProtocolError(f"frame of {len(frame)} bytes is shorter than the {HEADER_SIZE}-byte header")
+    magic, version, mtype, flags, seq, t_ns, ref, count = HEADER.unpack_from(frame)
+    if magic != MAGIC:
+        raise ProtocolError("bad magic")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version}, expected {PROTOCOL_VERSION}")
+    try:
+        kind = MsgType(mtype)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {mtype}") from None
+    if count > MAX_COUNT or len(frame) != HEADER_SIZE + 4 * count:
+        raise ProtocolError(f"payload length {len(frame) - HEADER_SIZE} does not match count {count}")
+    payload = np.frombuffer(frame, dtype="<f4", count=count, offset=HEADER_SIZE)
+    return Message(kind, seq, t_ns, payload, ref, flags, version)

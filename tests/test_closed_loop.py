@@ -1,0 +1,132 @@
+"""The end-to-end proof: train -> export -> qsm-serve and qsm-sim as separate processes.
+
+The closed-loop return must agree with an offline rollout of the same ONNX file on the same
+env seed with the same noise stream: exactly when every command arrived in time (the robot node
+applies each command to the state it answers, as env.step does), within 5% otherwise. This
+checks the observation order, the action scaling and the timing path together.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from qsm_robot.cli.export import main as export_main
+from qsm_robot.cli.train import main as train_main
+from qsm_robot.envs import make_env
+from qsm_robot.export.runtime import make_session
+from qsm_robot.serve import protocol as P
+from qsm_robot.serve.client import ControlClient
+
+SERVE = [sys.executable, "-m", "qsm_robot.cli.serve"]
+SIM = [sys.executable, "-m", "qsm_robot.robot.node"]
+STEPS = 300
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    assert train_main(["--preset", "smoke", "--steps", "600", "--threads", "1", "--run-dir", str(tmp / "run")]) == 0
+    out = tmp / "policy.onnx"
+    assert export_main([str(tmp / "run"), "--out", str(out), "--min-retention", "0", "--distill-iterations", "200",
+                        "--student-hidden", "32", "--state-episodes", "1", "--eval-episodes", "1",
+                        "--latency-calls", "100", "--threads", "1"]) == 0
+    return out
+
+
+def write_files(tmp_path, episodes=1):
+    profile = {
+        "name": "e2e", "task": "cartpole-swingup", "obs_dim": 5, "act_dim": 1, "action_low": [-1.0], "action_high": [1.0],
+        "safe_command": [0.0], "rate_hz": 100, "latency_budget_ms": 5.0, "max_delta_per_tick": None,
+        "endpoints": {k: f"ipc://{tmp_path}/{k}.sock" for k in ("state", "command", "control")},
+        "robot": {"watchdog_periods": 5, "episode_steps": STEPS},
+    }
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    (tmp_path / "scenario.json").write_text(json.dumps({"name": "e2e", "seed": 3, "episodes": episodes}))
+    return tmp_path / "profile.json", tmp_path / "scenario.json", profile["endpoints"]["control"]
+
+
+def start_serve(model, profile_path, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(SERVE + ["run", "--model", str(model), "--profile", str(profile_path), "--arm",
+                                     "--record-dir", str(tmp_path / "rec")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc
+
+
+def wait_ready(control, proc, timeout=30):
+    client = ControlClient(control, timeout_s=0.5)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                return client.send(P.MsgType.HEARTBEAT)
+            except TimeoutError:
+                continue
+    finally:
+        client.close()
+    raise AssertionError("qsm-serve did not answer")
+
+
+def offline_return(model, seed=3, noise_seed=0, steps=STEPS):
+    session = make_session(model)
+    rng = np.random.default_rng(noise_seed)
+    env = make_env("cartpole-swingup", seed=seed, rescale_actions=False)
+    obs, total = env.reset()[0], 0.0
+    for _ in range(steps):
+        noise = rng.standard_normal((1, 5, 1), dtype=np.float32)
+        action = session.run(None, {"obs": obs[None], "noise": noise})[0][0]
+        obs, reward, *_ = env.step(action)
+        total += reward
+    return total
+
+
+def test_closed_loop_return_agrees_with_offline_evaluation(model, tmp_path):
+    profile_path, scenario_path, control = write_files(tmp_path)
+    serve = start_serve(model, profile_path, tmp_path)
+    try:
+        assert wait_ready(control, serve)["node_state"] == "ARMED"
+        sim = subprocess.run(SIM + ["--profile", str(profile_path), "--scenario", str(scenario_path),
+                                    "--results", str(tmp_path / "robot.json")],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert sim.returncode == 0, sim.stderr
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        out, err = serve.communicate(timeout=30)
+    assert serve.returncode == 0, err
+    robot = json.loads((tmp_path / "robot.json").read_text())
+    assert len(robot["episodes"]) == 1 and robot["steps"] == STEPS
+    assert robot["commands_rejected"] == 0 and robot["watchdog_trips"] == 0
+    closed, offline = robot["episodes"][0], offline_return(model)
+    assert "qsm-serve summary" in out
+    (record,) = (tmp_path / "rec").glob("flight-*.npz")
+    ticks = np.load(record)["ticks"]
+    fallbacks = int(((ticks["flags"] & (1 << 5)) > 0).sum())
+    if robot["commands_late"] == 0 and fallbacks == 0:
+        assert closed == pytest.approx(offline, abs=1e-6)  # every command on time: the same episode
+    else:
+        assert closed == pytest.approx(offline, rel=0.05, abs=2.0)
+
+
+def test_kill_9_of_the_node_puts_the_robot_on_its_safe_command_within_the_watchdog(model, tmp_path):
+    profile_path, scenario_path, control = write_files(tmp_path)
+    serve = start_serve(model, profile_path, tmp_path)
+    wait_ready(control, serve)
+    sim = subprocess.Popen(SIM + ["--profile", str(profile_path), "--scenario", str(scenario_path),
+                                  "--results", str(tmp_path / "robot.json")],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    os.kill(serve.pid, signal.SIGKILL)
+    serve.communicate()
+    _, err = sim.communicate(timeout=60)
+    assert sim.returncode == 0, err
+    robot = json.loads((tmp_path / "robot.json").read_text())
+    assert robot["watchdog_trips"] == 1 and robot["watchdog_periods_to_safe"][0] <= 5
+    assert robot["watchdog_ticks"] > 0 and "watchdog: no fresh command" in err

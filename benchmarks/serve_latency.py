@@ -76,11 +76,12 @@ def run_pair(model: Path, profile_path: Path, episodes: int, work: Path, kill_af
            **{f"robot_{k}_us": round(v, 1) for k, v in robot["latency_us"].items()},
            "robot_ticks": robot["steps"], "late_at_robot": robot["commands_late"], "ticks_late": robot["ticks_late"]}
     if killed_at is not None:
-        trips = robot["watchdog_trip_t_ns"]
+        after = [(t, n) for t, n in zip(robot["watchdog_trip_t_ns"], robot["watchdog_periods_to_safe"]) if t >= killed_at]
         row = {"profile": profile.name, "nominal_hz": profile.rate_hz,
-               "kill_to_safe_ms": round((trips[0] - killed_at) / 1e6, 2) if trips else None,
-               "kill_to_safe_periods": round((trips[0] - killed_at) / 1e9 * profile.rate_hz, 2) if trips else None,
-               "watchdog_periods_to_safe": robot["watchdog_periods_to_safe"][:1]}
+               "kill_to_safe_ms": round((after[0][0] - killed_at) / 1e6, 2) if after else None,
+               "kill_to_safe_periods": round((after[0][0] - killed_at) / 1e9 * profile.rate_hz, 2) if after else None,
+               "watchdog_periods_to_safe": after[0][1] if after else None,
+               "watchdog_trips_before_kill": len(robot["watchdog_trip_t_ns"]) - len(after)}
         return row
     (record,) = rec.glob("flight-*.npz")
     ticks = np.load(record)["ticks"]

@@ -31,6 +31,8 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:  # noqa: F821
     p.add_argument("--distill-batch", type=int, default=d.distill_batch, help="states per distillation iteration")
     p.add_argument("--student-hidden", type=int, default=d.student_hidden, help="student MLP width")
     p.add_argument("--student-layers", type=int, default=d.student_layers, help="student hidden layers")
+    p.add_argument("--student-activation", choices=["relu", "silu", "mish"], default=d.student_activation,
+                   help="student activation (relu fuses into the Gemm in onnxruntime: fastest)")
     p.add_argument("--state-episodes", type=int, default=d.state_episodes, help="teacher rollouts that provide distillation states")
     p.add_argument("--eval-episodes", type=int, default=d.eval_episodes, help="episodes for the return-retention gate")
     p.add_argument("--min-retention", type=float, default=d.min_retention, help="gate: exported mean return / teacher mean return")
@@ -49,7 +51,7 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:  # noqa: F821
     opts = ExportOptions(
         out=a.out, student_steps=a.student_steps, teacher=a.teacher, force=a.force,
         distill_iterations=a.distill_iterations, distill_batch=a.distill_batch, student_hidden=a.student_hidden,
-        student_layers=a.student_layers, state_episodes=a.state_episodes, eval_episodes=a.eval_episodes,
+        student_layers=a.student_layers, student_activation=a.student_activation, state_episodes=a.state_episodes, eval_episodes=a.eval_episodes,
         min_retention=a.min_retention, parity_samples=a.parity_samples, parity_tol=a.parity_tol,
         latency_calls=a.latency_calls, seed=a.seed, progress=sys.stderr.isatty(),
     )

@@ -44,6 +44,7 @@ class ExportOptions:
     distill_batch: int = 512
     student_hidden: int = 256
     student_layers: int = 2
+    student_activation: str = "relu"
     state_episodes: int = 8
     """Teacher rollouts whose states (with the replay buffer's, when present) train the student."""
     eval_episodes: int = 5
@@ -209,7 +210,7 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
         t0 = time.perf_counter()
         sampler, losses = distill(
             teacher, torch.from_numpy(states), T, opts.student_steps, opts.student_hidden, opts.student_layers,
-            opts.distill_iterations, opts.distill_batch, seed=opts.seed, progress=opts.progress,
+            opts.student_activation, opts.distill_iterations, opts.distill_batch, seed=opts.seed, progress=opts.progress,
         )
         report.distill_seconds = round(time.perf_counter() - t0, 1)
         report.distill_final_loss = float(np.mean(losses[-100:]))

@@ -7,8 +7,8 @@ and is trained so that student(s, noise) = teacher(s, noise). So it reproduces t
 *distribution* (stochastic, possibly multi-modal: the noise picks the mode), not only its mean,
 and parity and return retention can be checked sample by sample on shared noise.
 
-The student runs K steps of one MLP: a_K = noise[:, 0]; a_{k-1} = MLP([a_k, s, noise, onehot(k)]);
-the action is clip(a_0, -1, 1).
+The student runs K steps of one MLP (ReLU by default): a_K = noise[:, 0];
+a_{k-1} = MLP([a_k, s, noise, onehot(k)]); the action is clip(a_0, -1, 1).
 """
 
 from __future__ import annotations
@@ -24,17 +24,24 @@ from qsm_robot.qsm.networks import Mish
 from qsm_robot.qsm.policy import DiffusionPolicy
 
 
+# The student's activation is free (it need not be the teacher's Mish): ReLU fuses into the
+# Gemm in onnxruntime, while Mish exports as seven elementwise nodes.
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "mish": Mish}
+
+
 class StudentPolicy(nn.Module):
     """K-step student: (obs [B, obs_dim], noise [B, T, act_dim]) -> action in [-1, 1]."""
 
     def __init__(self, obs_dim: int, act_dim: int, teacher_steps: int, steps: int = 1,
-                 hidden_dim: int = 256, num_layers: int = 2):
+                 hidden_dim: int = 256, num_layers: int = 2, activation: str = "relu"):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"student activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         self.obs_dim, self.act_dim, self.teacher_steps, self.steps = obs_dim, act_dim, teacher_steps, steps
         dims = [act_dim + obs_dim + teacher_steps * act_dim + steps] + [hidden_dim] * num_layers
         layers: list[nn.Module] = []
         for d_in, d_out in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(d_in, d_out), Mish()]
+            layers += [nn.Linear(d_in, d_out), ACTIVATIONS[activation]()]
         layers.append(nn.Linear(hidden_dim, act_dim))
         self.net = nn.Sequential(*layers)
         self.register_buffer("step_codes", torch.eye(steps))
@@ -94,6 +101,7 @@ def distill(
     student_steps: int = 1,
     hidden_dim: int = 256,
     num_layers: int = 2,
+    activation: str = "relu",
     iterations: int = 3000,
     batch_size: int = 512,
     lr: float = 1e-3,
@@ -104,7 +112,7 @@ def distill(
     spec = teacher.spec
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    student = StudentPolicy(spec.obs_dim, spec.act_dim, spec.diffusion_steps, student_steps, hidden_dim, num_layers)
+    student = StudentPolicy(spec.obs_dim, spec.act_dim, spec.diffusion_steps, student_steps, hidden_dim, num_layers, activation)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / iterations)))
     losses = []

@@ -1,10 +1,11 @@
 """qsm-sim: a MuJoCo robot node that stands in for hardware.
 
 Every period (absolute deadlines on the monotonic clock) it publishes the state, waits for the
-command that answers it (until 90% of the period), applies it and steps the physics. If the
-answer is late or missing it holds the last command; after ``watchdog_periods`` periods without a
-fresh command it applies its safe command and reports it, never replaying an old command for
-ever. Commands that are malformed, non-finite or out of bounds are rejected and counted.
+command that answers it (until 90% of the period), applies it and steps the physics: on time,
+this is exactly ``env.step(policy(obs))``. If that answer is late, it applies the newest unused
+command answering a recent state (counted as one tick late), else holds the last command; after
+``watchdog_periods`` periods without a fresh command it applies its safe command and reports
+it, never replaying an old command for ever. Commands that are malformed, non-finite or out of bounds are rejected and counted.
 Faults (scenario file): added latency and jitter before publishing, dropped states, NaN or
 garbage states, a pause.
 """
@@ -70,7 +71,9 @@ class RobotReport:
     states_sent: int = 0
     commands_applied: int = 0
     commands_late: int = 0
-    """Ticks whose answer did not arrive in time (the last command was held)."""
+    """Ticks without a fresh command by the cutoff (the last command was held, or the watchdog acted)."""
+    commands_one_tick_late: int = 0
+    """Ticks that applied a command answering an earlier state, because the current answer was late."""
     commands_rejected: int = 0
     watchdog_trips: int = 0
     watchdog_ticks: int = 0
@@ -125,7 +128,7 @@ class RobotNode:
         time.sleep(connect_wait_s)  # let the PUB/SUB connections form before the first state
         obs = self.env.reset()[0]
         applied = self.safe.copy()
-        last_fresh_tick, tick, seq, ep_steps, ep_return = 0, 0, 0, 0, 0.0
+        last_fresh_tick, tick, seq, ep_steps, ep_return, last_applied_ref = 0, 0, 0, 0, 0.0, 0
         watchdog_on, flags = False, 2 | 1  # restart + episode start on the first state
         start = deadline = time.monotonic_ns()
         pause_at = None if faults.pause_at_s is None else start + int(faults.pause_at_s * 1e9)
@@ -159,7 +162,7 @@ class RobotNode:
             # 2. wait for the command that answers it, until 90% of the period
             cutoff = deadline + period - period // 10
             spin_until = time.monotonic_ns() + 2 * spin_ns  # the answer usually comes within this
-            command = None
+            command = late = None
             while command is None and not self._stop:
                 now = time.monotonic_ns()
                 left = cutoff - now
@@ -182,14 +185,23 @@ class RobotNode:
                     continue
                 if msg.ref in sent_at:
                     latencies.append(time.monotonic_ns() - sent_at.pop(msg.ref))
-                if msg.ref != seq:
-                    continue  # an answer to an older state: too late to use
+                if msg.ref <= last_applied_ref or msg.ref < seq - prof.robot.watchdog_periods:
+                    continue  # already superseded, or too old to be fresh
                 if not self._valid_command(msg):
                     report.commands_rejected += 1
                     continue
-                command = msg.payload.copy()
                 if msg.flags & int(P.CommandFlag.SAFE):
                     report.safe_commands_from_node += 1
+                if msg.ref == seq:
+                    command, late = msg.payload.copy(), None
+                else:
+                    late = msg  # answers an earlier state: use it at the cutoff if nothing newer comes
+            if command is None and late is not None:
+                command = late.payload.copy()
+                report.commands_one_tick_late += 1
+                last_applied_ref = late.ref
+            elif command is not None:
+                last_applied_ref = seq
             # 3. apply: the fresh command, else hold, else (watchdog) the safe command
             if command is not None:
                 applied, last_fresh_tick = command, tick

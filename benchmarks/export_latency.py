@@ -12,12 +12,12 @@ writes benchmarks/results/export_*.csv and .png; models go to benchmarks/results
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import print_table, write_csv
 
 from qsm_robot.export.exporter import ExportOptions, export_policy
 from qsm_robot.export.student import ActuatorPolicy, TeacherSampler
@@ -84,18 +84,10 @@ def main() -> None:
     for r in rows:
         r["speedup_p50_vs_torch"] = round(base / r["p50_us"], 1)
 
-    columns = list(dict.fromkeys(k for r in rows for k in r))
     print(f"policy: {run} (task {spec.task}, step {spec.step}); batch 1, 1 thread, {args.calls} calls each")
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for r in rows:
-        print("| " + " | ".join("-" if r.get(c) is None else str(r.get(c)) for c in columns) + " |")
-    OUT.mkdir(parents=True, exist_ok=True)
+    print_table(rows)
     stem = OUT / f"export_{spec.task}_{stamp}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(stem.with_suffix(".csv"), rows)
 
     import matplotlib
 

@@ -11,10 +11,11 @@ which the eval return first reached --target) and writes benchmarks/results/lear
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
+
+from common import print_table, write_csv
 
 from qsm_robot.config import preset_config
 from qsm_robot.train.loop import Trainer, prepare_run_dir
@@ -60,18 +61,9 @@ def main() -> None:
         })
         print(f"seed {seed} done: final eval {result.final_eval:.1f}, {result.wall_s:.0f} s", file=sys.stderr)
 
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    OUT.mkdir(parents=True, exist_ok=True)
     stem = OUT / f"learning_{args.task}_{args.preset}_{time.strftime('%Y%m%d-%H%M%S')}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
-    shown = [c for c in columns if c != "run_dir"]
-    print("| " + " | ".join(shown) + " |")
-    print("|" + "---|" * len(shown))
-    for r in rows:
-        print("| " + " | ".join("-" if r.get(c) is None else str(r.get(c)) for c in shown) + " |")
+    write_csv(stem.with_suffix(".csv"), rows)
+    print_table(rows, [c for c in rows[0] if c != "run_dir"] + [c for c in rows[-1] if c not in rows[0]])
 
     import matplotlib
 

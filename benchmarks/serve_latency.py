@@ -13,7 +13,6 @@ benchmarks/results/serve_*.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import signal
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import print_table, write_csv
 
 from qsm_robot.serve import protocol as P
 from qsm_robot.serve.client import ControlClient
@@ -113,16 +113,9 @@ def main() -> None:
         print(f"{rate} Hz done", file=sys.stderr)
         kills.append(run_pair(args.model, profile, 2, work, kill_after_s=2.0))
     for table in (rows, kills):
-        columns = list(dict.fromkeys(k for r in table for k in r))
-        print("| " + " | ".join(columns) + " |")
-        print("|" + "---|" * len(columns))
-        for r in table:
-            print("| " + " | ".join(str(r.get(c, "-")) for c in columns) + " |")
+        print_table(table)
         print()
-    with open(work / "serve.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows + kills for k in r)))
-        w.writeheader()
-        w.writerows(rows + kills)
+    write_csv(work / "serve.csv", rows + kills)
     print(f"wrote {work}/serve.csv")
 
 

@@ -10,12 +10,12 @@ Prints a table and writes benchmarks/results/throughput_*.csv and .png.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import print_table, write_csv
 
 from qsm_robot.config import preset_config
 from qsm_robot.envs import env_info, make_env
@@ -104,17 +104,9 @@ def main() -> None:
             "gemm_gflop_per_s": round(flops * statistics.median(ceiling) / 1e9, 1),
         })
 
-    columns = list(rows[0])
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in columns) + " |")
-    OUT.mkdir(parents=True, exist_ok=True)
+    print_table(rows)
     stem = OUT / f"throughput_{args.task}_h{args.hidden_dim}_{time.strftime('%Y%m%d-%H%M%S')}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(stem.with_suffix(".csv"), rows)
 
     import matplotlib
 

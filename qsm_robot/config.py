@@ -178,7 +178,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The card's reference setup, exactly (the dataclass defaults).
     "reference": {},
     # Same method with 256-wide networks: about 3x the update rate on a CPU.
-    "fast": {"hidden_dim": 256},
+    "fast": {"hidden_dim": 256, "action_repeat": 2},
     # Tiny networks and short intervals: tests, CI and quick looks. Learns nothing useful.
     "smoke": {
         "steps": 2_000, "hidden_dim": 32, "time_dim": 16, "fourier_dim": 8, "batch_size": 32,

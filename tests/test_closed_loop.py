@@ -130,3 +130,32 @@ def test_kill_9_of_the_node_puts_the_robot_on_its_safe_command_within_the_watchd
     robot = json.loads((tmp_path / "robot.json").read_text())
     assert robot["watchdog_trips"] == 1 and robot["watchdog_periods_to_safe"][0] <= 5
     assert robot["watchdog_ticks"] > 0 and "watchdog: no fresh command" in err
+
+
+def test_injected_faults_are_survived_and_counted(model, tmp_path):
+    profile_path, _, control = write_files(tmp_path)
+    scenario = tmp_path / "faults.json"
+    scenario.write_text(json.dumps({"name": "faults", "seed": 1, "episodes": 1, "faults": {
+        "latency_ms": 0.5, "jitter_ms": 0.5, "drop_prob": 0.05, "nan_prob": 0.05, "garbage_prob": 0.05,
+        "pause_at_s": 1.0, "pause_s": 0.3}}))
+    serve = start_serve(model, profile_path, tmp_path)
+    try:
+        wait_ready(control, serve)
+        sim = subprocess.run(SIM + ["--profile", str(profile_path), "--scenario", str(scenario),
+                                    "--results", str(tmp_path / "robot.json")],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert sim.returncode == 0, sim.stderr
+        status = ControlClient(control, timeout_s=2.0).send(P.MsgType.HEARTBEAT)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        out, err = serve.communicate(timeout=30)
+    assert serve.returncode == 0, err  # the node survived everything and exited cleanly
+    robot = json.loads((tmp_path / "robot.json").read_text())
+    assert robot["steps"] == STEPS and robot["commands_rejected"] == 0
+    assert status["state_invalid"] > 0 and status["malformed"] > 0  # NaN states and garbage were counted
+    # The 0.3 s pause (30 periods) leaves the node without fresh states: it goes to safe-stop.
+    assert status["node_state"] == "SAFE_STOP"
+    assert "RUNNING -> SAFE_STOP: no fresh state for" in err
+    (record,) = (tmp_path / "rec").glob("flight-*.npz")
+    commands = np.load(record)["ticks"]["command"][:, 0]
+    assert np.isfinite(commands).all() and (np.abs(commands) <= 1).all()

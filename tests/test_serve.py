@@ -1,6 +1,5 @@
 """qsm-serve: protocol, safety chain (property-based), node behaviour, and the no-torch rule."""
 
-import json
 import subprocess
 import sys
 import threading

@@ -12,11 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qsm_robot.export.exporter import ExportOptions
 
 PROG = "qsm-export"
 
 
-def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:  # noqa: F821
+def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     from qsm_robot.export.exporter import ExportOptions
 
     d = ExportOptions(out=Path("x.onnx"))

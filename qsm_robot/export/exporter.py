@@ -21,8 +21,8 @@ import torch
 from qsm_robot.envs import make_env
 from qsm_robot.export.contract import ModelContract
 from qsm_robot.export.runtime import latency_us, make_session
-from qsm_robot.export.student import ActuatorPolicy, StudentPolicy, TeacherSampler, distill
-from qsm_robot.qsm.policy import DiffusionPolicy, load_policy, resolve_checkpoint
+from qsm_robot.export.student import ActuatorPolicy, TeacherSampler, distill
+from qsm_robot.qsm.policy import load_policy, resolve_checkpoint
 from qsm_robot.train.evaluate import evaluate
 
 OPSET = 17

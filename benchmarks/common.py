@@ -1,0 +1,26 @@
+"""Helpers shared by the benchmark scripts: a Markdown table on stdout and a CSV file."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def columns_of(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
+    columns = columns or columns_of(rows)
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join("-" if r.get(c) is None else str(r.get(c)) for c in columns) + " |")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns_of(rows))
+        w.writeheader()
+        w.writerows(rows)

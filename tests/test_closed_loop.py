@@ -159,3 +159,19 @@ def test_injected_faults_are_survived_and_counted(model, tmp_path):
     (record,) = (tmp_path / "rec").glob("flight-*.npz")
     commands = np.load(record)["ticks"]["command"][:, 0]
     assert np.isfinite(commands).all() and (np.abs(commands) <= 1).all()
+
+
+@pytest.mark.parametrize("rate_hz,repeat", [(100, 1), (50, 2), (500, 1)])
+def test_robot_steps_the_physics_for_the_profiles_period(tmp_path, rate_hz, repeat):
+    from qsm_robot.envs import env_info
+    from qsm_robot.robot.node import RobotNode, Scenario
+    from qsm_robot.serve.profile import Profile
+
+    profile_path, _, _ = write_files(tmp_path)
+    data = json.loads(profile_path.read_text())
+    profile = Profile.from_dict({**data, "rate_hz": rate_hz, "latency_budget_ms": 1.0})
+    node = RobotNode(profile, Scenario(name="t"))
+    try:
+        assert node.action_repeat == repeat and env_info(node.env).action_repeat == repeat
+    finally:
+        node.close()

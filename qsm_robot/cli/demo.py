@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     session = make_session(model)
     c = read_contract(session)
-    episode_steps = 1000  # a dm_control episode
+    episode_steps = -(-1000 // c.action_repeat)  # a dm_control episode, in policy steps
     profile = {
         "name": "demo", "task": c.task, "obs_dim": c.obs_dim, "act_dim": c.act_dim, "action_low": c.action_low,
         "action_high": c.action_high, "safe_command": [(lo + hi) / 2 for lo, hi in zip(c.action_low, c.action_high)],
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Offline: the same ONNX file, the same env seed and noise stream, no network in between.
     rng, offline = np.random.default_rng(0), []
-    envs = make_env(c.task, seed=3, rescale_actions=False)
+    envs = make_env(c.task, seed=3, action_repeat=c.action_repeat, rescale_actions=False)
     for _ in range(a.robot_episodes):
         obs, total = envs.reset()[0], 0.0
         for _ in range(episode_steps):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from qsm_robot.envs import make_env
+from qsm_robot.envs import env_info, make_env
 from qsm_robot.serve import protocol as P
 from qsm_robot.serve.profile import Profile, ProfileError
 
@@ -94,7 +94,11 @@ class RobotNode:
     def __init__(self, profile: Profile, scenario: Scenario, log=None):
         self.profile, self.scenario = profile, scenario
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-        self.env = make_env(profile.task, seed=scenario.seed, rescale_actions=False)
+        # Physics control steps per tick: the profile's period over the task's control step (a 50 Hz
+        # profile on a 100 Hz task holds each command for 2 steps, as action_repeat=2 did in training).
+        base_period = env_info(make_env(profile.task)).control_period_s
+        self.action_repeat = max(1, round(profile.period_s / base_period))
+        self.env = make_env(profile.task, seed=scenario.seed, action_repeat=self.action_repeat, rescale_actions=False)
         self.low, self.high = np.array(profile.action_low, np.float32), np.array(profile.action_high, np.float32)
         self.safe = np.array(profile.safe_command, np.float32)
         self.ctx = zmq.Context.instance()

@@ -149,8 +149,7 @@ def node(tmp_path, model_path):
 
 
 def arm(node):
-    node.safety.arm()
-    node._enter(P.NodeState.ARMED, "test")
+    assert node.arm("test")
 
 
 def state_frame(seq, obs, t_ns=None):

@@ -58,8 +58,7 @@ def run(args) -> int:
           f"state {profile.endpoints.state}, command {profile.endpoints.command}, control {profile.endpoints.control}",
           file=sys.stderr)
     if args.arm:
-        node.safety.arm()
-        node._enter(type(node.state).ARMED, "armed at start (--arm)")
+        node.arm("armed at start (--arm)")
 
     last = {"t": time.monotonic(), "ticks": 0}
 

@@ -132,12 +132,7 @@ class ServeNode:
                 self.counters.malformed += 1
                 continue
             if msg.type == P.MsgType.ARM:
-                if self.state == P.NodeState.FAULT:
-                    self.log("qsm-serve: ARM refused: the node is in FAULT; restart it")
-                elif self.state in (P.NodeState.IDLE, P.NodeState.SAFE_STOP):
-                    self.safety.arm()
-                    self._last_good_ns = None
-                    self._enter(P.NodeState.ARMED, "arm requested")
+                self.arm("arm requested")
             elif msg.type == P.MsgType.DISARM:
                 if self.state != P.NodeState.FAULT:
                     self._enter(P.NodeState.IDLE, "disarm requested")
@@ -151,6 +146,17 @@ class ServeNode:
                 self.control_sock.send_multipart([identity, P.encode(P.MsgType.STATUS, self._seq, self.status_values(), ref=msg.seq)], zmq.NOBLOCK)
             except zmq.Again:
                 pass
+
+    def arm(self, reason: str) -> bool:
+        """IDLE or SAFE_STOP -> ARMED (the soft-start ramp begins); refused in FAULT."""
+        if self.state == P.NodeState.FAULT:
+            self.log("qsm-serve: ARM refused: the node is in FAULT; restart it")
+            return False
+        if self.state in (P.NodeState.IDLE, P.NodeState.SAFE_STOP):
+            self.safety.arm()
+            self._last_good_ns = None
+            self._enter(P.NodeState.ARMED, reason)
+        return True
 
     def status_values(self) -> list[float]:
         c, s = self.counters, self.safety.counts

@@ -233,8 +233,7 @@ class RobotNode:
                 report.episodes.append(ep_return)
                 self.log(f"qsm-sim: episode {len(report.episodes)}: return {ep_return:.1f} ({ep_steps} steps)")
                 obs, ep_steps, ep_return, flags = self.env.reset()[0], 0, 0.0, 1
-            for old in [k for k in sent_at if k < seq - 1000]:
-                del sent_at[old]
+            sent_at.pop(seq - 1000, None)  # seqs only grow: forget the one that just aged out
             # 4. sleep to the next absolute deadline (sleep most of it, spin the last 200 us)
             deadline += period
             while (left := deadline - time.monotonic_ns()) > 0:

@@ -44,6 +44,7 @@ def write_files(tmp_path, episodes=1):
     profile = {
         "name": "e2e", "task": "cartpole-swingup", "obs_dim": 5, "act_dim": 1, "action_low": [-1.0], "action_high": [1.0],
         "safe_command": [0.0], "rate_hz": 100, "latency_budget_ms": 5.0, "max_delta_per_tick": None,
+        "require_calibration": False,
         "endpoints": {k: f"ipc://{tmp_path}/{k}.sock" for k in ("state", "command", "control")},
         "robot": {"watchdog_periods": 5, "episode_steps": STEPS},
     }

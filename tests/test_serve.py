@@ -7,13 +7,10 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from conftest import make_contract
 
-from qsm_robot.export import exporter
-from qsm_robot.export.contract import ModelContract
-from qsm_robot.export.student import ActuatorPolicy, StudentPolicy
 from qsm_robot.serve import protocol as P
 from qsm_robot.serve.client import ControlClient
 from qsm_robot.serve.node import ServeNode
@@ -32,26 +29,9 @@ def profile_dict(tmp_path, **overrides):
     return {**base, **overrides}
 
 
-def make_contract(**overrides) -> ModelContract:
-    c = ModelContract(task="cartpole-swingup", obs_dim=5, obs_layout=[["position", 0, 3], ["velocity", 3, 2]], act_dim=1,
-                      action_low=[-1.0], action_high=[1.0], control_period_s=0.01, action_repeat=1, sampler="student",
-                      sampler_steps=1, teacher_steps=5, schedule="vp", noise_shape=["batch", 5, 1],
-                      teacher_sha256="0" * 64, teacher_step=0)
-    for k, v in overrides.items():
-        setattr(c, k, v)
-    return c
-
-
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    module = ActuatorPolicy(StudentPolicy(5, 1, 5, steps=1, hidden_dim=16), [-1.0], [1.0]).eval()
-    model = exporter.to_onnx(module, 5, (5, 1), make_contract())
-    path = tmp_path_factory.mktemp("serve") / "tiny.onnx"
-    import onnx
-
-    onnx.save(model, str(path))
-    return path
+def model_path(tiny_model):
+    return tiny_model
 
 
 # --- protocol ----------------------------------------------------------------------------------
@@ -186,6 +166,33 @@ def test_replayed_and_out_of_order_states_are_ignored(node):
     assert node.counters.ticks == 1 and node.counters.replayed == 2
 
 
+def test_a_forged_sequence_number_costs_a_resync_and_a_safe_stop_not_the_stream(node):
+    arm(node)
+    now = time.monotonic_ns()
+    node._answer(state_frame(1, np.zeros(5), t_ns=now), now)
+    node._answer(state_frame(2**63, np.zeros(5)), time.monotonic_ns())  # forged: every real seq is now "old"
+    n = node.profile.max_consecutive_stale
+    for seq in range(2, 2 + n):
+        node._answer(state_frame(seq, np.zeros(5)), time.monotonic_ns())
+    assert node.counters.replayed == n and node.state == P.NodeState.RUNNING
+    node._answer(state_frame(2 + n, np.zeros(5)), time.monotonic_ns())
+    assert node.counters.resyncs == 1 and node.state == P.NodeState.SAFE_STOP
+    arm(node)
+    node._answer(state_frame(3 + n, np.zeros(5)), time.monotonic_ns())
+    assert node.state == P.NodeState.RUNNING and node.recorder.data[-1]["flags"] & 0b10100001 == 0
+
+
+def test_a_state_from_the_future_does_not_move_the_clock(node):
+    arm(node)
+    now = time.monotonic_ns()
+    node._answer(state_frame(1, np.zeros(5), t_ns=now), now)
+    node._answer(state_frame(2, np.zeros(5), t_ns=now + 10**15), time.monotonic_ns())  # forged: far ahead
+    assert node.counters.clock_jumps == 1
+    now = time.monotonic_ns()
+    node._answer(state_frame(3, np.zeros(5), t_ns=now), now)
+    assert node.counters.stale == 0 and node.state == P.NodeState.RUNNING
+
+
 def test_a_policy_past_its_budget_gets_the_fallback_and_repeated_misses_safe_stop(node, monkeypatch):
     arm(node)
     node._answer(state_frame(1, np.zeros(5)), time.monotonic_ns())
@@ -232,15 +239,24 @@ def test_control_channel_arms_estops_and_reports(node):
         thread.join()
 
 
-def test_non_loopback_endpoints_need_an_explicit_flag(tmp_path, model_path):
-    d = profile_dict(tmp_path)
-    d["endpoints"]["control"] = "tcp://0.0.0.0:5999"
-    with pytest.raises(ValueError, match="not loopback: pass --allow-remote"):
-        ServeNode(model_path, Profile.from_dict(d))
-
-
 def test_serving_path_imports_no_training_stack():
-    code = ("import sys, qsm_robot.serve.node, qsm_robot.serve.client, qsm_robot.cli.serve; "
+    code = ("import sys, qsm_robot.serve.node, qsm_robot.serve.client, qsm_robot.cli.serve, qsm_robot.calibrate.record, "
+            "qsm_robot.calibrate.measure; "
             "bad = [m for m in ('torch', 'mujoco', 'dm_control', 'gymnasium') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- telemetry ---------------------------------------------------------------------------------
+def test_flight_recorder_keeps_the_last_ticks_in_fixed_memory_and_counts_them_all():
+    from qsm_robot.serve.telemetry import FlightRecorder
+
+    rec = FlightRecorder(obs_dim=2, act_dim=1, capacity=100)
+    nbytes = rec.rows.nbytes
+    for i in range(250):
+        rec.add(i * 1000, i * 1000 + 10 * (i + 1), i, 0, 1.0, 2, 0, [i], np.zeros(2, np.float32))
+    assert rec.rows.nbytes == nbytes and rec.total == 250
+    assert list(rec.data["state_seq"]) == list(range(150, 250))  # oldest first
+    assert list(rec.tail(3)["state_seq"]) == [247, 248, 249]
+    lat = rec.latency.percentiles()
+    assert lat["max"] == 2.5 and lat["p50"] == pytest.approx(1.25, rel=0.03)  # whole run: 0.01 .. 2.5 us

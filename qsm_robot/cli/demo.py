@@ -5,9 +5,11 @@
 
 1. qsm-train trains a QSM policy (progress bar, eval lines);
 2. qsm-export distils it into a 1-step student, writes verified ONNX beside the run;
-3. qsm-serve (the ONNX policy, numpy/pyzmq/onnxruntime only) and qsm-sim (the simulated robot)
+3. qsm-serve calibrate measures the policy's latency on this host and the closed-loop envelope,
+   and writes the calibration record the serving node requires;
+4. qsm-serve (the ONNX policy, numpy/pyzmq/onnxruntime only) and qsm-sim (the simulated robot)
    start as separate processes; the robot runs episodes in real time through the control loop;
-4. a summary compares the closed-loop return with the offline evaluation of the same ONNX file.
+5. a summary compares the closed-loop return with the offline evaluation of the same ONNX file.
 """
 
 from __future__ import annotations
@@ -42,13 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     from qsm_robot.cli.export import main as export_main
     from qsm_robot.cli.train import main as train_main
 
-    print(f"\n== 1/3 qsm-train: {a.task}, preset {a.preset}, {a.steps} steps ==", flush=True)
+    print(f"\n== 1/4 qsm-train: {a.task}, preset {a.preset}, {a.steps} steps ==", flush=True)
     rc = train_main(["--task", a.task, "--preset", a.preset, "--steps", str(a.steps), "--learning-starts",
                      str(min(a.learning_starts, a.steps // 2)), "--eval-every", str(max(1, a.steps // 6)),
                      "--eval-episodes", "5", "--run-dir", str(out / "train")])
     if rc != 0:
         return rc
-    print("\n== 2/3 qsm-export: 1-step student -> ONNX ==", flush=True)
+    print("\n== 2/4 qsm-export: 1-step student -> ONNX ==", flush=True)
     model = out / "policy.onnx"
     rc = export_main([str(out / "train"), "--out", str(model)])
     if rc != 0:
@@ -71,11 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "profile.json").write_text(json.dumps(profile, indent=2))
     (out / "scenario.json").write_text(json.dumps({"name": "demo", "seed": 3, "episodes": a.robot_episodes}))
-    print(f"\n== 3/3 qsm-serve + qsm-sim: {a.robot_episodes} episode(s) of {episode_steps} steps in real time "
+    print("\n== 3/4 qsm-serve calibrate: latency on this host, envelope from 1 closed-loop episode ==", flush=True)
+    from qsm_robot.cli.serve import main as serve_main
+
+    calibration = out / "calib" / "demo.json"
+    rc = serve_main(["calibrate", "--model", str(model), "--profile", str(out / "profile.json"), "--name", "demo",
+                     "--out", str(calibration), "--latency-calls", "500", "--episodes", "1"])
+    if rc != 0:
+        return rc
+    print(f"\n== 4/4 qsm-serve + qsm-sim: {a.robot_episodes} episode(s) of {episode_steps} steps in real time "
           f"at {profile['rate_hz']:g} Hz ==", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     serve = subprocess.Popen([sys.executable, "-m", "qsm_robot.cli.serve", "run", "--model", str(model), "--profile",
-                              str(out / "profile.json"), "--arm", "--record-dir", str(out / "serve")],
+                              str(out / "profile.json"), "--calibration", str(calibration), "--arm",
+                              "--record-dir", str(out / "serve")],
                              env=env, stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(2.0)  # model load and warm-up
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         ("robot: rate", f"{robot['achieved_rate_hz']:.1f} Hz"),
         ("robot: state -> command latency", f"p50 {lat['p50']:.0f} us, p99 {lat['p99']:.0f} us, max {lat['max']:.0f} us"),
         ("robot: late commands / watchdog trips", f"{robot['commands_late']} / {robot['watchdog_trips']}"),
+        ("calibration record", calibration),
         ("learning curve", out / "train" / "learning_curve.png"),
         ("export report", model.with_suffix(".report.json")),
     ]

@@ -1,7 +1,9 @@
 """``qsm-serve``: the real-time control node, and operator commands for it.
 
-    qsm-serve run --model deploy/models/cartpole.onnx --profile deploy/profiles/cartpole-sim.json [--arm]
-    qsm-serve arm|disarm|estop|status --profile deploy/profiles/cartpole-sim.json
+    qsm-serve calibrate --model M.onnx --profile deploy/profiles/cartpole-sim.json --name NAME
+    qsm-serve run --model M.onnx --profile deploy/profiles/cartpole-sim.json --calibration calib/NAME.json [--arm]
+    qsm-serve arm|disarm|estop|status --profile deploy/profiles/cartpole-sim.json [--key operator.key_secret]
+    qsm-serve keygen --dir deploy/keys --name operator
     qsm-serve plot runs/serve/flight.npz
 
 Imports numpy, pyzmq and onnxruntime only (with matplotlib, if installed, for the plot).
@@ -26,7 +28,8 @@ def _fail(msg: str) -> int:
 def _status_line(node) -> None:
     lat = node.latency_us(last=2000)
     rate = getattr(node, "_rate", 0.0)
-    line = (f"{node.state.name:9s} {rate:7.1f} Hz | node latency p50 {lat['p50']:6.0f} us p99 {lat['p99']:6.0f} us "
+    calib = f"calib {node.calibration_id}" if node.calibration_id else "uncalibrated"
+    line = (f"{node.state.name:9s} {rate:7.1f} Hz {calib} | node latency p50 {lat['p50']:6.0f} us p99 {lat['p99']:6.0f} us "
             f"max {lat['max']:6.0f} us | miss {node.counters.misses} stale {node.counters.stale} "
             f"fallback {node.safety.counts['fallbacks']} clamps {node.safety.counts['bounds_clamped']}/"
             f"{node.safety.counts['rate_clamped']} bad-in {node.safety.counts['state_invalid'] + node.counters.malformed}")
@@ -36,27 +39,50 @@ def _status_line(node) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def load_calibrated_profile(model: str, profile_path: str, calibration: str | None):
+    """(profile with the record's safety values applied, record or None); raises with the reason."""
+    from qsm_robot.calibrate.record import CalibrationRecord, file_sha256
+    from qsm_robot.serve.profile import Profile, ProfileError
+
+    profile = Profile.load(profile_path)
+    if calibration is None:
+        if profile.require_calibration:
+            raise ProfileError(f"profile {profile.name!r} requires a calibration record: run "
+                               f"'qsm-serve calibrate --model {model} --profile {profile_path} --name NAME', "
+                               "then pass --calibration calib/NAME.json")
+        return profile, None
+    record = CalibrationRecord.load(calibration)
+    record.check(file_sha256(model), profile)
+    return record.apply(profile), record
+
+
 def run(args) -> int:
+    from qsm_robot.calibrate.record import CalibrationError
     from qsm_robot.export.contract import ContractError
     from qsm_robot.serve.node import ServeNode, install_signal_handlers
-    from qsm_robot.serve.profile import Profile, ProfileError
+    from qsm_robot.serve.profile import ProfileError
     from qsm_robot.serve.telemetry import plot_histogram
 
     if not Path(args.model).is_file():
         return _fail(f"model {args.model} does not exist (write one with qsm-export)")
     try:
-        profile = Profile.load(args.profile)
-        node = ServeNode(args.model, profile, seed=args.seed, allow_remote=args.allow_remote)
-    except (ProfileError, ContractError, ValueError) as exc:
+        profile, record = load_calibrated_profile(args.model, args.profile, args.calibration)
+        node = ServeNode(args.model, profile, seed=args.seed, allow_remote=args.allow_remote,
+                         spike_every=args.inject_spike_every, spike_ms=args.inject_spike_ms,
+                         calibration_id=record.short_id if record else None)
+    except (ProfileError, ContractError, CalibrationError, ValueError) as exc:
         return _fail(str(exc))
     except Exception as exc:  # onnxruntime's load errors, zmq's bind errors
         return _fail(f"{type(exc).__name__}: {exc}")
     install_signal_handlers(node)
     c = node.runner.contract
+    source = f"calibration {record.name!r} (id {record.short_id})" if record else "the profile (no calibration record)"
     print(f"{PROG}: {args.model} ({c.sampler}, {c.sampler_steps} step(s), task {c.task}) under profile "
-          f"{profile.name!r}: {profile.rate_hz:g} Hz, budget {profile.latency_budget_ms} ms; "
-          f"state {profile.endpoints.state}, command {profile.endpoints.command}, control {profile.endpoints.control}",
-          file=sys.stderr)
+          f"{profile.name!r}: {profile.rate_hz:g} Hz; state {profile.endpoints.state}, command "
+          f"{profile.endpoints.command}, control {profile.endpoints.control}"
+          f"{'; CURVE on, ' + str(len(node.curve.allow.keys)) + ' allowed key(s)' if node.curve else ''}\n"
+          f"{PROG}: safety from {source}: budget {profile.latency_budget_ms} ms, max_delta_per_tick "
+          f"{profile.max_delta_per_tick}, obs_low {profile.obs_low}, obs_high {profile.obs_high}", file=sys.stderr)
     if args.arm:
         node.arm("armed at start (--arm)")
 
@@ -81,20 +107,35 @@ def run(args) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     npz = node.recorder.save(out / f"flight-{stamp}.npz", profile=json.dumps(profile.to_dict()), model=str(args.model))
     png = plot_histogram(npz)
-    lat = node.latency_us(last=10**9)
+    lat = node.latency_us(last=None)
     s = node.safety.counts
+    summary = {
+        "wall_s": round(wall, 3), "states_answered": node.counters.ticks, "mean_rate_hz": round(node.answered_rate_hz(), 3),
+        "profile_rate_hz": profile.rate_hz, "node_latency_us": {k: round(v, 1) for k, v in lat.items()},
+        "misses": node.counters.misses, "stale": node.counters.stale, **s,
+        "malformed": node.counters.malformed, "replayed": node.counters.replayed,
+        "clock_jumps": node.counters.clock_jumps, "resyncs": node.counters.resyncs, "safe_stops": node.counters.safe_stops,
+        "safe_stop_reasons": node.counters.reasons[:20], "internal_errors": node.counters.errors,
+        "injected_stalls": node.runner.spikes, "final_state": node.state.name, "flight_record": str(npz),
+    }
+    (out / f"summary-{stamp}.json").write_text(json.dumps(summary, indent=2))
     rows = [
         ("wall time", f"{wall:.1f} s"), ("states answered", node.counters.ticks),
-        ("mean rate", f"{node.answered_rate_hz():.1f} Hz while states came (profile {profile.rate_hz:g} Hz)"),
+        ("mean rate", f"{summary['mean_rate_hz']:.1f} Hz while states came (profile {profile.rate_hz:g} Hz)"),
         ("node latency", f"p50 {lat['p50']:.0f} us, p99 {lat['p99']:.0f} us, p99.9 {lat['p99.9']:.0f} us, max {lat['max']:.0f} us"),
         ("deadline misses", node.counters.misses), ("stale", node.counters.stale), ("fallbacks", s["fallbacks"]),
         ("clamps (bounds / rate)", f"{s['bounds_clamped']} / {s['rate_clamped']}"),
         ("invalid states / actions", f"{s['state_invalid']} / {s['action_invalid']}"),
         ("malformed / replayed msgs", f"{node.counters.malformed} / {node.counters.replayed}"),
+        ("clock jumps / re-syncs", f"{node.counters.clock_jumps} / {node.counters.resyncs}"),
         ("out of envelope", s["obs_out_of_range"]), ("safe-stops", f"{node.counters.safe_stops} {node.counters.reasons[:3]}"),
         ("internal errors", node.counters.errors), ("final state", node.state.name),
-        ("flight record", npz), ("latency histogram", png or "matplotlib not installed: qsm-serve plot " + str(npz)),
+        ("flight record", f"{npz} (last {len(node.recorder.data)} ticks)"),
+        ("latency histogram", png or "matplotlib not installed: qsm-serve plot " + str(npz)),
+        ("summary", out / f"summary-{stamp}.json"),
     ]
+    if node.runner.spike_every:
+        rows.insert(5, ("injected stalls", f"{node.runner.spikes} (every {node.runner.spike_every}th call)"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(["== qsm-serve summary =="] + [f"{k:<{width}}  {v}" for k, v in rows]))
     return 0
@@ -102,15 +143,21 @@ def run(args) -> int:
 
 def control(args) -> int:
     from qsm_robot.serve import protocol as P
+    from qsm_robot.serve.auth import AuthError
     from qsm_robot.serve.client import ControlClient
     from qsm_robot.serve.profile import Profile, ProfileError
 
     try:
-        endpoint = args.endpoint or Profile.load(args.profile).endpoints.control
-    except ProfileError as exc:
+        profile = Profile.load(args.profile) if args.profile else None
+        endpoint = args.endpoint or profile.endpoints.control
+        server_key = args.server_key or (profile.curve.server_public_key if profile and profile.curve else None)
+        if server_key and not args.key:
+            return _fail("the node uses CURVE: pass --key with your .key_secret file (qsm-serve keygen)")
+        kind = {"arm": P.MsgType.ARM, "disarm": P.MsgType.DISARM, "estop": P.MsgType.ESTOP,
+                "status": P.MsgType.HEARTBEAT}[args.cmd]
+        client = ControlClient(endpoint, timeout_s=args.timeout, key=args.key, server_key=server_key)
+    except (ProfileError, AuthError) as exc:
         return _fail(str(exc))
-    kind = {"arm": P.MsgType.ARM, "disarm": P.MsgType.DISARM, "estop": P.MsgType.ESTOP, "status": P.MsgType.HEARTBEAT}[args.cmd]
-    client = ControlClient(endpoint, timeout_s=args.timeout)
     try:
         status = client.send(kind)
     except TimeoutError as exc:
@@ -118,6 +165,44 @@ def control(args) -> int:
     finally:
         client.close()
     print(json.dumps(status))
+    return 0
+
+
+def calibrate(args) -> int:
+    from qsm_robot.calibrate.measure import CalibrateOptions, calibrate, summary
+    from qsm_robot.calibrate.record import CalibrationError
+    from qsm_robot.export.contract import ContractError
+    from qsm_robot.serve.profile import ProfileError
+
+    if not Path(args.model).is_file():
+        return _fail(f"model {args.model} does not exist (write one with qsm-export)")
+    out = args.out or Path("calib") / f"{args.name}.json"
+    if out.exists() and not args.overwrite:
+        return _fail(f"{out} exists: pass --overwrite to replace it, or pick another --name")
+    opts = CalibrateOptions(name=args.name, out=out, latency_calls=args.latency_calls, budget_margin=args.budget_margin,
+                            max_budget_fraction=args.max_budget_fraction, episodes=args.episodes,
+                            episode_steps=args.episode_steps, seed=args.seed, robot=args.robot,
+                            external_seconds=args.seconds, robot_key=args.robot_key, obs_margin=args.obs_margin,
+                            delta_quantile=args.delta_quantile, delta_margin=args.delta_margin,
+                            allow_remote=args.allow_remote)
+    try:
+        record = calibrate(args.model, args.profile, opts)
+    except (CalibrationError, ProfileError, ContractError, ValueError) as exc:
+        return _fail(str(exc))
+    record.save(out)
+    print(summary(record, out))
+    return 0
+
+
+def keygen(args) -> int:
+    from qsm_robot.serve.auth import AuthError, generate_keypair
+
+    try:
+        public, secret = generate_keypair(args.dir, args.name, overwrite=args.overwrite)
+    except AuthError as exc:
+        return _fail(str(exc))
+    print(f"{PROG}: wrote {public} (public: copy it to the node's allowed_clients folder, or give it to clients "
+          f"as the server key) and {secret} (secret, mode 0600: keep it on this machine)")
     return 0
 
 
@@ -141,14 +226,47 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C/SIGTERM)")
     r.add_argument("--seed", type=int, default=0, help="seed of the policy's noise stream")
     r.add_argument("--record-dir", default="runs/serve", help="where the flight record and histogram go")
-    r.add_argument("--allow-remote", action="store_true", help="allow non-loopback endpoints (prints a warning)")
+    r.add_argument("--calibration", help="calibration record (calib/NAME.json) for this model and profile")
+    r.add_argument("--allow-remote", action="store_true",
+                   help="allow non-loopback endpoints without CURVE keys (prints a warning)")
+    r.add_argument("--inject-spike-every", type=int, default=0, metavar="N",
+                   help="fault injection (campaigns): stall every Nth policy call by --inject-spike-ms")
+    r.add_argument("--inject-spike-ms", type=float, default=0.0, metavar="MS", help="length of an injected stall")
     r.set_defaults(func=run)
     for name in ("arm", "disarm", "estop", "status"):
         c = sub.add_parser(name, help=f"send {name.upper()} to a running node and print its status")
         c.add_argument("--profile", help="profile whose control endpoint to use")
         c.add_argument("--endpoint", help="control endpoint (instead of --profile)")
         c.add_argument("--timeout", type=float, default=1.0)
+        c.add_argument("--key", help="your CURVE key pair (.key_secret) when the node uses CURVE")
+        c.add_argument("--server-key", help="the node's public key (.key); default: the profile's curve.server_public_key")
         c.set_defaults(func=control)
+    cal = sub.add_parser("calibrate", help="measure latency and envelope on this host; write calib/NAME.json")
+    cal.add_argument("--model", required=True, help="ONNX policy written by qsm-export")
+    cal.add_argument("--profile", required=True, help="deployment profile JSON")
+    cal.add_argument("--name", required=True, help="record name (letters, digits, '.', '_', '-')")
+    cal.add_argument("--out", type=Path, help="where to write the record (default calib/NAME.json)")
+    cal.add_argument("--overwrite", action="store_true", help="replace an existing record")
+    cal.add_argument("--latency-calls", type=int, default=2000, help="policy calls timed, one per control period")
+    cal.add_argument("--budget-margin", type=float, default=2.0, help="latency budget = p99.9 x this")
+    cal.add_argument("--max-budget-fraction", type=float, default=0.5, help="refuse a budget above this part of the period")
+    cal.add_argument("--episodes", type=int, default=3, help="closed-loop episodes for the envelope")
+    cal.add_argument("--episode-steps", type=int, help="override the profile's robot.episode_steps")
+    cal.add_argument("--seed", type=int, default=0, help="robot and noise seed of the episodes")
+    cal.add_argument("--robot", choices=("sim", "external"), default="sim",
+                     help="'sim': start qsm-sim here; 'external': a robot node is already running")
+    cal.add_argument("--seconds", type=float, default=30.0, help="recording time with --robot external")
+    cal.add_argument("--robot-key", help="CURVE key pair for the qsm-sim started here")
+    cal.add_argument("--obs-margin", type=float, default=0.1, help="widen observed ranges by this part of the span")
+    cal.add_argument("--delta-quantile", type=float, default=99.9, help="percentile of observed command changes")
+    cal.add_argument("--delta-margin", type=float, default=1.2, help="rate limit = that percentile x this")
+    cal.add_argument("--allow-remote", action="store_true", help="allow non-loopback endpoints without CURVE keys")
+    cal.set_defaults(func=calibrate)
+    kg = sub.add_parser("keygen", help="write a CURVE key pair (NAME.key, NAME.key_secret)")
+    kg.add_argument("--dir", required=True, help="folder for the key files")
+    kg.add_argument("--name", required=True, help="key name, e.g. node, robot, operator")
+    kg.add_argument("--overwrite", action="store_true")
+    kg.set_defaults(func=keygen)
     pl = sub.add_parser("plot", help="draw the latency histogram of a flight record")
     pl.add_argument("record")
     pl.set_defaults(func=plot)

@@ -7,6 +7,9 @@
 Every field of :class:`qsm_robot.config.TrainConfig` is a flag; ``--preset`` sets the defaults
 the other flags then override. Exit codes: 0 done, 2 bad input, 128+signal when stopped by
 Ctrl-C or SIGTERM (after saving a checkpoint).
+
+``--resume`` works whenever the run directory holds its config.json: a run killed (even with
+kill -9) before its first checkpoint starts again from step 0 with that config.
 """
 
 from __future__ import annotations
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         if resume:
             atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
             trainer = Trainer(cfg, run_dir, resume=True)
-            print(f"{PROG}: resuming {run_dir} at step {trainer.step} of {cfg.steps}", file=sys.stderr)
+            why = " (it holds no checkpoint yet: starting it again with its config.json)" if trainer.started_over else ""
+            print(f"{PROG}: resuming {run_dir} at step {trainer.step} of {cfg.steps}{why}", file=sys.stderr)
         else:
             run_dir = prepare_run_dir(cfg)
             trainer = Trainer(cfg, run_dir)

@@ -24,6 +24,7 @@ import zmq
 
 from qsm_robot.envs import env_info, make_env
 from qsm_robot.serve import protocol as P
+from qsm_robot.serve.auth import AuthError, secure_client
 from qsm_robot.serve.profile import Profile, ProfileError
 
 
@@ -82,6 +83,8 @@ class RobotReport:
     """For each trip: periods between the last fresh command and the safe command."""
     watchdog_trip_t_ns: list = field(default_factory=list)
     """For each trip: monotonic time at which the safe command was applied."""
+    watchdog_clear_t_ns: list = field(default_factory=list)
+    """For each recovery after a trip: monotonic time at which a fresh command was applied again."""
     safe_commands_from_node: int = 0
     latency_us: dict = field(default_factory=dict)
     """state sent -> command received, at the robot: p50, p99, p99.9, max."""
@@ -91,7 +94,10 @@ class RobotReport:
 
 
 class RobotNode:
-    def __init__(self, profile: Profile, scenario: Scenario, log=None):
+    def __init__(self, profile: Profile, scenario: Scenario, log=None, key: str | None = None):
+        """key: this robot's CURVE key pair (.key_secret), needed when the profile has CURVE keys."""
+        if profile.curve is not None and key is None:
+            raise ProfileError(f"profile {profile.name!r} uses CURVE: give the robot's key pair (--key ROBOT.key_secret)")
         self.profile, self.scenario = profile, scenario
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         # Physics control steps per tick: the profile's period over the task's control step (a 50 Hz
@@ -103,10 +109,13 @@ class RobotNode:
         self.safe = np.array(profile.safe_command, np.float32)
         self.ctx = zmq.Context.instance()
         self.state_sock = self.ctx.socket(zmq.PUB)
+        self.cmd_sock = self.ctx.socket(zmq.SUB)
+        if profile.curve is not None:
+            for sock in (self.state_sock, self.cmd_sock):
+                secure_client(sock, key, profile.curve.server_public_key)
         self.state_sock.setsockopt(zmq.LINGER, 0)
         self.state_sock.setsockopt(zmq.SNDHWM, 10)
         self.state_sock.connect(profile.endpoints.state)
-        self.cmd_sock = self.ctx.socket(zmq.SUB)
         self.cmd_sock.setsockopt(zmq.LINGER, 0)
         self.cmd_sock.setsockopt(zmq.CONFLATE, 1)
         self.cmd_sock.setsockopt(zmq.SUBSCRIBE, b"")
@@ -211,6 +220,7 @@ class RobotNode:
                 applied, last_fresh_tick = command, tick
                 report.commands_applied += 1
                 if watchdog_on:
+                    report.watchdog_clear_t_ns.append(time.monotonic_ns())
                     self.log("qsm-sim: watchdog: commands are back")
                     watchdog_on = False
             else:
@@ -258,15 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenario", required=True, help="scenario JSON (sim/scenarios/)")
     p.add_argument("--episodes", type=int, help="override the scenario's episode count")
     p.add_argument("--results", type=Path, help="write the robot's report as JSON here")
+    p.add_argument("--key", help="this robot's CURVE key pair (.key_secret) when the profile has CURVE keys")
     a = p.parse_args(argv)
     try:
         profile, scenario = Profile.load(a.profile), Scenario.load(a.scenario)
-    except ProfileError as exc:
+        if a.episodes:
+            scenario.episodes = a.episodes
+        node = RobotNode(profile, scenario, key=a.key)
+    except (ProfileError, AuthError) as exc:
         print(f"qsm-sim: error: {exc}", file=sys.stderr)
         return 2
-    if a.episodes:
-        scenario.episodes = a.episodes
-    node = RobotNode(profile, scenario)
     signal.signal(signal.SIGINT, node.request_stop)
     signal.signal(signal.SIGTERM, node.request_stop)
     try:

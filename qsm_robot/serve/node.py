@@ -24,13 +24,18 @@ import numpy as np
 import zmq
 
 from qsm_robot.serve import protocol as P
+from qsm_robot.serve.auth import CurveServer
 from qsm_robot.serve.policy_runner import PolicyRunner
 from qsm_robot.serve.profile import Profile, check_contract
 from qsm_robot.serve.safety import SafetyChain, SafetyConfig
 from qsm_robot.serve.telemetry import MISS_BIT, STALE_BIT, FlightRecorder, percentiles
 
 STATUS_FIELDS = ("node_state", "ticks", "misses", "stale", "fallbacks", "bounds_clamped", "rate_clamped",
-                 "state_invalid", "action_invalid", "obs_out_of_range", "malformed", "p50_us", "p99_us", "max_us")
+                 "state_invalid", "action_invalid", "obs_out_of_range", "malformed", "p50_us", "p99_us", "max_us",
+                 "auth_denied", "calibration_id", "latency_budget_ms", "act_dim", "obs_dim")
+"""STATUS payload: these fields, then the safety chain's limits: max_delta_per_tick [act_dim]
+(NaN: rate limiter off), obs_low [obs_dim] and obs_high [obs_dim] (NaN: no envelope).
+calibration_id: the record's short id as an integer (0: no record)."""
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -45,6 +50,8 @@ class Counters:
     stale: int = 0
     malformed: int = 0
     replayed: int = 0
+    clock_jumps: int = 0
+    resyncs: int = 0
     deferred: int = 0
     overruns: int = 0
     safe_stops: int = 0
@@ -53,13 +60,21 @@ class Counters:
 
 
 class ServeNode:
-    def __init__(self, model: str | Path, profile: Profile, seed: int = 0, log=None, allow_remote: bool = False):
+    def __init__(self, model: str | Path, profile: Profile, seed: int = 0, log=None, allow_remote: bool = False,
+                 spike_every: int = 0, spike_ms: float = 0.0, calibration_id: str | None = None):
+        """profile: with a calibration record's values already applied (``CalibrationRecord.apply``);
+        calibration_id: that record's short id, reported in the status."""
         self.profile, self.log = profile, log or (lambda m: print(m, file=sys.stderr, flush=True))
-        for name, endpoint in vars(profile.endpoints).items():
-            if not is_loopback(endpoint) and not allow_remote:
-                raise ValueError(f"endpoint {name}={endpoint} is not loopback: pass --allow-remote to expose the "
-                                 "control channel beyond this host")
-        self.runner = PolicyRunner(model, seed=seed)
+        self.calibration_id = calibration_id
+        remote = [f"{name}={endpoint}" for name, endpoint in vars(profile.endpoints).items() if not is_loopback(endpoint)]
+        if remote and profile.curve is None:
+            if not allow_remote:
+                raise ValueError(f"endpoints {', '.join(remote)} are not loopback and the profile has no CURVE keys: "
+                                 "configure 'curve' (qsm-serve keygen) or pass --allow-remote to expose the node "
+                                 "unauthenticated")
+            self.log(f"qsm-serve: WARNING: {', '.join(remote)} bound beyond this host WITHOUT authentication: anyone "
+                     "who can reach it can send states and arm, disarm or e-stop the node. Configure 'curve'.")
+        self.runner = PolicyRunner(model, seed=seed, spike_every=spike_every, spike_ms=spike_ms)
         check_contract(profile, self.runner.contract)
         arr = lambda v: None if v is None else np.asarray(v, np.float32)  # noqa: E731
         self.safety = SafetyChain(SafetyConfig(
@@ -71,7 +86,7 @@ class ServeNode:
         ))
         self.state = P.NodeState.IDLE
         self.counters = Counters()
-        self.recorder = FlightRecorder(profile.obs_dim, profile.act_dim)
+        self.recorder = FlightRecorder(profile.obs_dim, profile.act_dim, capacity=profile.flight_record_ticks)
         self.period_ns = int(round(1e9 / profile.rate_hz))
         self.budget_ns = int(profile.latency_budget_ms * 1e6)
         self.stale_ns = profile.stale_periods * self.period_ns
@@ -80,13 +95,14 @@ class ServeNode:
         self._last_state_seq: int | None = None
         self._last_good_ns: int | None = None
         self._offset_ns: int | None = None
-        self._consecutive_misses = self._consecutive_stale = 0
+        self._consecutive_misses = self._consecutive_stale = self._consecutive_rejected = 0
         self._last_eval_ns = -(10**18)
         self._pending: tuple[bytes, int] | None = None
         self.spin_ns = int(profile.spin_us * 1e3)
         self._expected_ns: int | None = None  # when the next state should arrive
 
         self.ctx = zmq.Context.instance()
+        self.curve = CurveServer(self.ctx, profile.curve) if profile.curve is not None else None
         self.state_sock = self._socket(zmq.SUB, profile.endpoints.state, conflate=True)
         self.state_sock.setsockopt(zmq.SUBSCRIBE, b"")
         self.command_sock = self._socket(zmq.PUB, profile.endpoints.command, conflate=False)
@@ -95,6 +111,8 @@ class ServeNode:
     def _socket(self, kind: int, endpoint: str, conflate: bool) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.secure(sock)
         if conflate:
             sock.setsockopt(zmq.CONFLATE, 1)  # keep only the newest message: never act on a queue of old states
         else:
@@ -159,19 +177,27 @@ class ServeNode:
         return True
 
     def status_values(self) -> list[float]:
-        c, s = self.counters, self.safety.counts
+        c, s, cfg = self.counters, self.safety.counts, self.safety.cfg
         lat = self.latency_us()
+        nan_if_none = lambda v, n: [float("nan")] * n if v is None else list(v)  # noqa: E731
         return [int(self.state), c.ticks, c.misses, c.stale, s["fallbacks"], s["bounds_clamped"], s["rate_clamped"],
                 s["state_invalid"], s["action_invalid"], s["obs_out_of_range"], c.malformed,
-                lat["p50"], lat["p99"], lat["max"]]
+                lat["p50"], lat["p99"], lat["max"], self.curve.denied if self.curve else 0,
+                int(self.calibration_id, 16) if self.calibration_id else 0, self.profile.latency_budget_ms,
+                cfg.act_dim, cfg.obs_dim, *nan_if_none(cfg.max_delta, cfg.act_dim),
+                *nan_if_none(cfg.obs_low, cfg.obs_dim), *nan_if_none(cfg.obs_high, cfg.obs_dim)]
 
     def answered_rate_hz(self) -> float:
         """States answered per second, from the first to the last answered state."""
-        t = self.recorder.data["t_recv_ns"]
-        return (len(t) - 1) / ((t[-1] - t[0]) / 1e9) if len(t) > 1 and t[-1] > t[0] else 0.0
+        r = self.recorder
+        span = (r.last_recv_ns - r.first_recv_ns) / 1e9
+        return (r.total - 1) / span if r.total > 1 and span > 0 else 0.0
 
-    def latency_us(self, last: int = 5000) -> dict[str, float]:
-        d = self.recorder.data[-last:]
+    def latency_us(self, last: int | None = 5000) -> dict[str, float]:
+        """State received -> command sent over the last ``last`` ticks (None: the whole run)."""
+        if last is None:
+            return self.recorder.latency.percentiles()
+        d = self.recorder.tail(last)
         return percentiles((d["t_send_ns"] - d["t_recv_ns"]) / 1e3)
 
     # --- one answered state -----------------------------------------------------------------
@@ -185,12 +211,30 @@ class ServeNode:
             self.counters.malformed += 1
             return
         restart = bool(msg.flags & 2)  # the robot's first message after its (re)start
-        if self._last_state_seq is not None and msg.seq <= self._last_state_seq and not restart:
+        # Re-sync: after max_consecutive_stale states in a row rejected for their seq or their
+        # clock, the stream itself has changed (a robot restarted without its flag, a forged seq
+        # or clock): take this state as the new reference, and safe-stop, so that acting on the
+        # new stream needs an operator's ARM.
+        resync = restart or self._consecutive_rejected >= self.profile.max_consecutive_stale
+        if resync and not restart:
+            self.counters.resyncs += 1
+            if self.state in (P.NodeState.ARMED, P.NodeState.RUNNING):
+                self._enter(P.NodeState.SAFE_STOP, f"re-synchronised to the state stream after "
+                                                   f"{self._consecutive_rejected} rejected states: ARM to continue")
+        if self._last_state_seq is not None and msg.seq <= self._last_state_seq and not resync:
             self.counters.replayed += 1  # old, replayed or out-of-order: never act on it
+            self._consecutive_rejected += 1
+            return
+        transit = t_recv - msg.t_ns
+        if self._offset_ns is not None and transit < self._offset_ns - self.stale_ns and not resync:
+            # Sent "in the future" by more than the staleness limit: a clock jump or a forged
+            # time. Not acted on, and it does not move the clock offset.
+            self.counters.clock_jumps += 1
+            self._consecutive_rejected += 1
             return
         self._last_state_seq = msg.seq
-        transit = t_recv - msg.t_ns
-        self._offset_ns = transit if self._offset_ns is None or restart else min(self._offset_ns, transit)
+        self._consecutive_rejected = 0
+        self._offset_ns = transit if self._offset_ns is None or resync else min(self._offset_ns, transit)
         age = transit - self._offset_ns
         self.counters.ticks += 1
         obs = msg.payload
@@ -312,6 +356,8 @@ class ServeNode:
         self.runner.close()
         for s in (self.state_sock, self.command_sock, self.control_sock):
             s.close(0)
+        if self.curve is not None:
+            self.curve.stop()
 
 
 def install_signal_handlers(node: ServeNode) -> None:

@@ -4,6 +4,9 @@ The policy runs inline on the calling thread (no hand-over to another thread on 
 which costs a wake-up of hundreds of microseconds on an idle core). A watchdog thread, armed
 for each call, sets onnxruntime's ``RunOptions.terminate`` when the budget runs out; the run then
 aborts and the caller gets None and sends its fallback command.
+
+Fault injection (campaigns): ``spike_every=N, spike_ms=X`` stalls every Nth call for X ms
+before onnxruntime starts, inside the budgeted section, as a slow host would.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from qsm_robot.export.runtime import make_session, read_contract
 
 
 class PolicyRunner:
-    def __init__(self, model: str | Path, seed: int = 0, warmup: int = 200):
+    def __init__(self, model: str | Path, seed: int = 0, warmup: int = 200, spike_every: int = 0, spike_ms: float = 0.0):
+        if spike_every < 0 or spike_ms < 0:
+            raise ValueError(f"spike_every and spike_ms must be >= 0, got {spike_every} and {spike_ms}")
+        self.spike_every, self.spike_s, self.calls, self.spikes = spike_every, spike_ms / 1e3, 0, 0
         self.session = make_session(model)
         self.contract: ModelContract = read_contract(self.session)
         self.noise_shape = (1, self.contract.teacher_steps, self.contract.act_dim)
@@ -60,7 +66,11 @@ class PolicyRunner:
         with self._cv:
             self._deadline_ns = time.monotonic_ns() + int(budget_s * 1e9)
             self._cv.notify()
+        self.calls += 1
         try:
+            if self.spike_every and self.calls % self.spike_every == 0:
+                self.spikes += 1
+                time.sleep(self.spike_s)  # injected stall: the watchdog terminates the run below
             action = self.session.run(None, {"obs": obs.reshape(1, -1).astype(np.float32), "noise": noise}, self._options)[0][0]
         except Exception:  # terminated at the budget, or a failing model: the caller falls back
             action = None

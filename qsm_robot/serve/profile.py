@@ -7,6 +7,7 @@ whose contract does not fit the profile, naming each mismatch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from qsm_robot.export.contract import ModelContract
+from qsm_robot.serve.auth import CurveSettings
 
 PROFILE_VERSION = 1
 
@@ -79,6 +81,14 @@ class Profile:
     obs_high: list[float] | None = None
     obs_out_of_range_fallback: bool = False
     """Also send the fallback command when a state is outside the envelope."""
+    require_calibration: bool = True
+    """Refuse to serve without a calibration record (``qsm-serve calibrate``) for this model,
+    profile and host. Turn off only for timing benchmarks and tests."""
+    curve: CurveSettings | None = None
+    """CURVE keys: when set, only clients with an allowed key can connect to any channel."""
+    flight_record_ticks: int = 120_000
+    """The flight recorder keeps the last this many ticks (memory fixed at start: 64 bytes a tick
+    for cartpole); whole-run counters and the latency histogram cover every tick."""
     endpoints: Endpoints = field(default_factory=Endpoints)
     robot: RobotSettings = field(default_factory=RobotSettings)
     profile_version: int = PROFILE_VERSION
@@ -97,6 +107,7 @@ class Profile:
         need(0 < self.latency_budget_ms * 1e-3 < self.period_s, "latency_budget_ms", "must be > 0 and below the period")
         for name in ("stale_periods", "max_consecutive_misses", "max_consecutive_stale"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
+        need(self.flight_record_ticks >= 1, "flight_record_ticks", "must be >= 1")
         need(self.soft_start_ticks >= 0, "soft_start_ticks", "must be >= 0")
         need(0 <= self.spin_us * 1e-6 < self.period_s / 2, "spin_us", "must be >= 0 and below half the period")
         need(self.fallback in ("hold", "safe"), "fallback", "must be 'hold' or 'safe'")
@@ -133,6 +144,8 @@ class Profile:
         try:
             data["endpoints"] = Endpoints(**data.get("endpoints", {}))
             data["robot"] = RobotSettings(**data.get("robot", {}))
+            if data.get("curve") is not None:
+                data["curve"] = CurveSettings(**data["curve"])
             profile = cls(**data)
         except TypeError as exc:
             raise ProfileError(f"profile {name!r}: {exc}") from None
@@ -148,7 +161,19 @@ class Profile:
             raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
         except ValueError as exc:
             raise ProfileError(f"profile {path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        profile = cls.from_dict(data)
+        if profile.curve is not None:
+            profile.curve = profile.curve.resolve(Path(path).parent)
+        return profile
+
+    def calibration_basis(self) -> dict[str, Any]:
+        """The fields a calibration depends on: all but the name, endpoints, keys and bookkeeping."""
+        skip = ("name", "endpoints", "curve", "require_calibration", "flight_record_ticks")
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
+
+    def fingerprint(self) -> str:
+        """SHA-256 of ``calibration_basis()`` as canonical JSON."""
+        return hashlib.sha256(json.dumps(self.calibration_basis(), sort_keys=True).encode()).hexdigest()
 
 
 def check_contract(profile: Profile, contract: ModelContract) -> None:

@@ -4,6 +4,7 @@ note) on a robot computer without it: ``qsm-serve plot FILE.npz`` draws it anywh
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,35 +14,83 @@ FLAG_NAMES = ("state_invalid", "obs_out_of_range", "action_invalid", "bounds_cla
 MISS_BIT, STALE_BIT = 1 << 6, 1 << 7
 
 
-class FlightRecorder:
-    """One row per answered state; grows in chunks, saved as .npz."""
+class LatencyHistogram:
+    """Whole-run latency distribution in fixed memory: 100 log-spaced bins per decade from 1 us to
+    10 s (a bin is 2.3% wide), plus the exact maximum. Percentiles are read off bin upper edges."""
 
-    def __init__(self, obs_dim: int, act_dim: int, chunk: int = 65536):
-        self.obs_dim, self.act_dim, self.chunk, self.n = obs_dim, act_dim, chunk, 0
+    PER_DECADE, DECADES = 100, 7
+
+    def __init__(self):
+        self.counts = np.zeros(self.PER_DECADE * self.DECADES + 1, np.int64)
+        self.max_us = float("nan")
+        self.n = 0
+
+    def add(self, us: float) -> None:
+        i = int(math.log10(us) * self.PER_DECADE) + 1 if us >= 1.0 else 0
+        self.counts[min(i, len(self.counts) - 1)] += 1
+        self.max_us = us if not self.max_us >= us else self.max_us
+        self.n += 1
+
+    def percentiles(self, qs=(50, 99, 99.9)) -> dict[str, float]:
+        if self.n == 0:
+            return {f"p{q}": float("nan") for q in qs} | {"max": float("nan")}
+        cum = np.cumsum(self.counts)
+        out = {}
+        for q in qs:
+            i = int(np.searchsorted(cum, q / 100 * self.n))
+            out[f"p{q}"] = min(10 ** (i / self.PER_DECADE), self.max_us)
+        return out | {"max": self.max_us}
+
+
+class FlightRecorder:
+    """The last ``capacity`` answered states, one row each, in a ring allocated (and touched) at
+    start: memory stays flat however long the node runs. Whole-run counts live in ``total`` and
+    ``latency`` (a LatencyHistogram). Saved as .npz."""
+
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int = 120_000):
+        if capacity < 1:
+            raise ValueError(f"flight recorder capacity must be >= 1, got {capacity}")
+        self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
         self.dtype = np.dtype([
             ("t_recv_ns", "i8"), ("t_send_ns", "i8"), ("state_seq", "u8"), ("state_t_ns", "i8"),
             ("policy_us", "f4"), ("node_state", "u1"), ("flags", "u2"),
             ("command", "f4", (act_dim,)), ("obs", "f4", (obs_dim,)),
         ])
-        self.rows = np.zeros(chunk, self.dtype)
+        self.rows = np.empty(capacity, self.dtype)
+        self.rows.view(np.uint8)[:] = 0  # touch every page now, not while running
+        self.total = 0
+        self.first_recv_ns = self.last_recv_ns = 0
+        self.latency = LatencyHistogram()
 
     def add(self, t_recv_ns, t_send_ns, state_seq, state_t_ns, policy_us, node_state, flags, command, obs) -> None:
-        if self.n == len(self.rows):
-            self.rows = np.concatenate([self.rows, np.zeros(self.chunk, self.dtype)])
-        r = self.rows[self.n]
+        r = self.rows[self.total % self.capacity]
         r["t_recv_ns"], r["t_send_ns"], r["state_seq"], r["state_t_ns"] = t_recv_ns, t_send_ns, state_seq, state_t_ns
         r["policy_us"], r["node_state"], r["flags"] = policy_us, node_state, flags
         r["command"] = command
-        if obs is not None and obs.shape == (self.obs_dim,):
-            r["obs"] = obs
-        self.n += 1
+        r["obs"] = obs if obs is not None and obs.shape == (self.obs_dim,) else 0.0
+        if self.total == 0:
+            self.first_recv_ns = t_recv_ns
+        self.last_recv_ns = t_recv_ns
+        self.latency.add((t_send_ns - t_recv_ns) / 1e3)
+        self.total += 1
+
+    def tail(self, n: int) -> np.ndarray:
+        """The last min(n, held) rows, oldest first."""
+        n = min(n, self.total, self.capacity)
+        end = self.total % self.capacity
+        if n <= end:
+            return self.rows[end - n:end]
+        return np.concatenate([self.rows[self.capacity - (n - end):], self.rows[:end]])
 
     @property
     def data(self) -> np.ndarray:
-        return self.rows[: self.n]
+        """Every row still held, oldest first."""
+        return self.tail(self.capacity)
 
     def save(self, path: Path, **meta) -> Path:
-        np.savez_compressed(path, ticks=self.data, flag_names=np.array(FLAG_NAMES), **{k: np.asarray(v) for k, v in meta.items()})
+        np.savez_compressed(path, ticks=self.data, flag_names=np.array(FLAG_NAMES), total_ticks=self.total,
+                            latency_hist_counts=self.latency.counts,
+                            **{k: np.asarray(v) for k, v in meta.items()})
         return path
 
 

@@ -12,7 +12,10 @@ A run directory's ``checkpoints/`` holds one folder per checkpoint and ``latest.
 
 A checkpoint folder is written under a temporary name, flushed to disk, then renamed; only
 after that is ``latest.json`` replaced (write to a temporary file, then ``os.replace``). A kill at
-any moment leaves ``latest.json`` naming a complete checkpoint.
+any moment leaves ``latest.json`` naming a complete checkpoint, or, before the first checkpoint
+is complete, no ``latest.json`` at all (:func:`has_checkpoint` is then False). Temporaries a
+killed writer left behind (``.tmp-step_*`` folders, ``.latest.json.tmp-*`` files) are never read
+as checkpoints; :func:`remove_temporaries` deletes them when a run is resumed.
 """
 
 from __future__ import annotations
@@ -106,6 +109,27 @@ def save_checkpoint(
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether the run directory ``run_dir`` has a latest checkpoint (its ``checkpoints/latest.json``)."""
+    return (Path(run_dir) / "checkpoints" / "latest.json").is_file()
+
+
+def remove_temporaries(ckpt_root: Path) -> list[Path]:
+    """Delete the partial writes that killed processes left in ``ckpt_root``; return what went.
+
+    Only call it when no other process writes checkpoints into ``ckpt_root`` (e.g. on resume).
+    """
+    if not ckpt_root.is_dir():
+        return []
+    leftovers = sorted([*ckpt_root.glob(".tmp-step_*"), *ckpt_root.glob(".latest.json.tmp-*")])
+    for p in leftovers:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return leftovers
 
 
 def load_train_state(path: str | Path) -> tuple[Path, dict[str, Any]]:

@@ -3,6 +3,8 @@
 Everything random is seeded from ``cfg.seed`` and saved in checkpoints (torch generators,
 the numpy generator, the full state of the training env mid-episode and of the eval envs), so
 ``N`` steps in one go and ``N/2`` + ``--resume`` + ``N/2`` give the same weights on the CPU.
+A run stopped before its first checkpoint (a kill -9 during start-up) resumes from step 0: its
+config.json holds everything needed to start it again, with the same seeds, from scratch.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from qsm_robot.config import TrainConfig, resolve_device
 from qsm_robot.envs import EnvInfo, env_info, get_env_state, make_env, set_env_state
 from qsm_robot.qsm.learner import QSMLearner
 from qsm_robot.qsm.policy import PolicySpec
-from qsm_robot.train.checkpoint import atomic_write_text, load_train_state, save_checkpoint
+from qsm_robot.train.checkpoint import (
+    atomic_write_text, has_checkpoint, load_train_state, remove_temporaries, save_checkpoint,
+)
 from qsm_robot.train.evaluate import evaluate
 from qsm_robot.train.replay import ReplayBuffer
 from qsm_robot.train.run_log import RunLog
@@ -62,7 +66,11 @@ def policy_spec(cfg: TrainConfig, info: EnvInfo, step: int) -> PolicySpec:
 
 
 class Trainer:
-    """Holds a run's state; ``run()`` trains until ``cfg.steps`` or a stop signal."""
+    """Holds a run's state; ``run()`` trains until ``cfg.steps`` or a stop signal.
+
+    With ``resume`` the state comes from the run's latest checkpoint; a run that has none yet
+    (stopped before its first) starts again from step 0, and ``started_over`` is then True.
+    """
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False):
         cfg.validate()
@@ -84,7 +92,10 @@ class Trainer:
         self.episode_return = self.elapsed_before = 0.0
         self.evals: list[float] = []
         self.last_saved_step = -1
+        self.started_over = resume and not has_checkpoint(run_dir)
         if resume:
+            remove_temporaries(run_dir / "checkpoints")  # partial writes of a killed process
+        if resume and not self.started_over:
             self._restore()
         else:
             self.obs = self.env.reset()[0]

@@ -112,7 +112,7 @@ def run(args) -> int:
     summary = {
         "wall_s": round(wall, 3), "states_answered": node.counters.ticks, "mean_rate_hz": round(node.answered_rate_hz(), 3),
         "profile_rate_hz": profile.rate_hz, "node_latency_us": {k: round(v, 1) for k, v in lat.items()},
-        "misses": node.counters.misses, "stale": node.counters.stale, **s,
+        "misses": node.counters.misses, "over_budget": node.counters.over_budget, "stale": node.counters.stale, **s,
         "malformed": node.counters.malformed, "replayed": node.counters.replayed,
         "clock_jumps": node.counters.clock_jumps, "resyncs": node.counters.resyncs, "safe_stops": node.counters.safe_stops,
         "safe_stop_reasons": node.counters.reasons[:20], "internal_errors": node.counters.errors,
@@ -123,7 +123,8 @@ def run(args) -> int:
         ("wall time", f"{wall:.1f} s"), ("states answered", node.counters.ticks),
         ("mean rate", f"{summary['mean_rate_hz']:.1f} Hz while states came (profile {profile.rate_hz:g} Hz)"),
         ("node latency", f"p50 {lat['p50']:.0f} us, p99 {lat['p99']:.0f} us, p99.9 {lat['p99.9']:.0f} us, max {lat['max']:.0f} us"),
-        ("deadline misses", node.counters.misses), ("stale", node.counters.stale), ("fallbacks", s["fallbacks"]),
+        ("deadline misses", node.counters.misses),
+        ("sent past the budget", f"{node.counters.over_budget} (policy in time, then the send was late)"), ("stale", node.counters.stale), ("fallbacks", s["fallbacks"]),
         ("clamps (bounds / rate)", f"{s['bounds_clamped']} / {s['rate_clamped']}"),
         ("invalid states / actions", f"{s['state_invalid']} / {s['action_invalid']}"),
         ("malformed / replayed msgs", f"{node.counters.malformed} / {node.counters.replayed}"),

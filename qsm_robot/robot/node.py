@@ -3,9 +3,10 @@
 Every period (absolute deadlines on the monotonic clock) it publishes the state, waits for the
 command that answers it (until 90% of the period), applies it and steps the physics: on time,
 this is exactly ``env.step(policy(obs))``. If that answer is late, it applies the newest unused
-command answering a recent state (counted as one tick late), else holds the last command; after
-``watchdog_periods`` periods without a fresh command it applies its safe command and reports
-it, never replaying an old command for ever. Commands that are malformed, non-finite or out of bounds are rejected and counted.
+command answering a recent state (counted as one tick late), else holds the last command; within
+``watchdog_periods`` periods of the last fresh command it applies its safe command and reports
+it, never replaying an old command for ever. Commands that are malformed, non-finite or out of
+bounds are rejected and counted.
 Faults (scenario file): added latency and jitter before publishing, dropped states, NaN or
 garbage states, a pause.
 """
@@ -114,6 +115,7 @@ class RobotNode:
             for sock in (self.state_sock, self.cmd_sock):
                 secure_client(sock, key, profile.curve.server_public_key)
         self.state_sock.setsockopt(zmq.LINGER, 0)
+        self.state_sock.setsockopt(zmq.IMMEDIATE, 1)  # no node connected: drop states, never queue old ones for the next
         self.state_sock.setsockopt(zmq.SNDHWM, 10)
         self.state_sock.connect(profile.endpoints.state)
         self.cmd_sock.setsockopt(zmq.LINGER, 0)
@@ -183,9 +185,9 @@ class RobotNode:
                     break
                 if now < spin_until:
                     ready = poller.poll(0)
-                elif left >= 1_500_000:
-                    ready = poller.poll(left // 1_000_000 - 1)
-                else:  # poll() counts whole milliseconds: short sleeps cannot overshoot the cutoff
+                elif left >= 1_000_000:
+                    ready = poller.poll(left // 1_000_000)  # whole milliseconds, rounded down: never past the cutoff
+                else:  # under a millisecond left: short sleeps cannot overshoot the cutoff
                     time.sleep(min(left, 100_000) / 1e9)
                     ready = poller.poll(0)
                 if not ready:
@@ -198,8 +200,8 @@ class RobotNode:
                     continue
                 if msg.ref in sent_at:
                     latencies.append(time.monotonic_ns() - sent_at.pop(msg.ref))
-                if msg.ref <= last_applied_ref or msg.ref < seq - prof.robot.watchdog_periods:
-                    continue  # already superseded, or too old to be fresh
+                if msg.ref > seq or msg.ref <= last_applied_ref or msg.ref < seq - prof.robot.watchdog_periods:
+                    continue  # answers no state of ours, already superseded, or too old to be fresh
                 if not self._valid_command(msg):
                     report.commands_rejected += 1
                     continue
@@ -225,7 +227,9 @@ class RobotNode:
                     watchdog_on = False
             else:
                 report.commands_late += 1
-                if tick - last_fresh_tick >= prof.robot.watchdog_periods:
+                # At this cutoff, the next one would be more than watchdog_periods after the last
+                # fresh command: act now, so the safe command comes within watchdog_periods.
+                if tick - last_fresh_tick >= prof.robot.watchdog_periods - 1:
                     if not watchdog_on:
                         watchdog_on = True
                         report.watchdog_trips += 1

@@ -32,7 +32,8 @@ from qsm_robot.serve.telemetry import MISS_BIT, STALE_BIT, FlightRecorder, perce
 
 STATUS_FIELDS = ("node_state", "ticks", "misses", "stale", "fallbacks", "bounds_clamped", "rate_clamped",
                  "state_invalid", "action_invalid", "obs_out_of_range", "malformed", "p50_us", "p99_us", "max_us",
-                 "auth_denied", "calibration_id", "latency_budget_ms", "act_dim", "obs_dim")
+                 "replayed", "clock_jumps", "resyncs", "over_budget", "auth_denied", "calibration_id",
+                 "latency_budget_ms", "act_dim", "obs_dim")
 """STATUS payload: these fields, then the safety chain's limits: max_delta_per_tick [act_dim]
 (NaN: rate limiter off), obs_low [obs_dim] and obs_high [obs_dim] (NaN: no envelope).
 calibration_id: the record's short id as an integer (0: no record)."""
@@ -51,6 +52,7 @@ class Counters:
     malformed: int = 0
     replayed: int = 0
     clock_jumps: int = 0
+    over_budget: int = 0
     resyncs: int = 0
     deferred: int = 0
     overruns: int = 0
@@ -90,8 +92,10 @@ class ServeNode:
         self.period_ns = int(round(1e9 / profile.rate_hz))
         self.budget_ns = int(profile.latency_budget_ms * 1e6)
         self.stale_ns = profile.stale_periods * self.period_ns
+        self.no_state_limit_ns = (profile.stale_periods + profile.max_consecutive_stale) * self.period_ns
         self._stop = False
-        self._seq = 0
+        self._cmd_seq = self._status_seq = 0  # one sequence per channel
+        self._latency_cache: tuple[int, dict] = (-(10**18), {})
         self._last_state_seq: int | None = None
         self._last_good_ns: int | None = None
         self._offset_ns: int | None = None
@@ -118,8 +122,8 @@ class ServeNode:
         else:
             sock.setsockopt(zmq.SNDHWM, 100)
             sock.setsockopt(zmq.RCVHWM, 100)
-        if kind == zmq.ROUTER:
-            sock.setsockopt(zmq.MAXMSGSIZE, 4096)
+        if kind in (zmq.ROUTER, zmq.SUB):  # no valid message is larger: ZeroMQ drops the frame and its sender's connection
+            sock.setsockopt(zmq.MAXMSGSIZE, 4096 if kind == zmq.ROUTER else P.HEADER_SIZE + 4 * P.MAX_COUNT)
         sock.bind(endpoint)
         return sock
 
@@ -134,8 +138,9 @@ class ServeNode:
         if state in (P.NodeState.SAFE_STOP, P.NodeState.IDLE):
             self._consecutive_misses = self._consecutive_stale = 0
 
-    def _handle_control(self) -> None:
-        while True:
+    def _handle_control(self, most: int = 8) -> None:
+        """At most ``most`` control messages per loop turn: a flood of them cannot starve the loop."""
+        for _ in range(most):
             try:
                 parts = self.control_sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -149,6 +154,9 @@ class ServeNode:
             except P.ProtocolError:
                 self.counters.malformed += 1
                 continue
+            if len(msg.payload):  # control messages carry none
+                self.counters.malformed += 1
+                continue
             if msg.type == P.MsgType.ARM:
                 self.arm("arm requested")
             elif msg.type == P.MsgType.DISARM:
@@ -159,9 +167,10 @@ class ServeNode:
             elif msg.type != P.MsgType.HEARTBEAT:
                 self.counters.malformed += 1
                 continue
-            self._seq += 1
             try:
-                self.control_sock.send_multipart([identity, P.encode(P.MsgType.STATUS, self._seq, self.status_values(), ref=msg.seq)], zmq.NOBLOCK)
+                reply = P.encode(P.MsgType.STATUS, self._status_seq + 1, self.status_values(), ref=msg.seq)
+                self.control_sock.send_multipart([identity, reply], zmq.NOBLOCK)
+                self._status_seq += 1
             except zmq.Again:
                 pass
 
@@ -178,11 +187,15 @@ class ServeNode:
 
     def status_values(self) -> list[float]:
         c, s, cfg = self.counters, self.safety.counts, self.safety.cfg
-        lat = self.latency_us()
+        now = time.monotonic_ns()
+        if now - self._latency_cache[0] > 100_000_000:  # percentiles at most every 100 ms: requests are cheap
+            self._latency_cache = (now, self.latency_us())
+        lat = self._latency_cache[1]
         nan_if_none = lambda v, n: [float("nan")] * n if v is None else list(v)  # noqa: E731
         return [int(self.state), c.ticks, c.misses, c.stale, s["fallbacks"], s["bounds_clamped"], s["rate_clamped"],
                 s["state_invalid"], s["action_invalid"], s["obs_out_of_range"], c.malformed,
-                lat["p50"], lat["p99"], lat["max"], self.curve.denied if self.curve else 0,
+                lat["p50"], lat["p99"], lat["max"], c.replayed, c.clock_jumps, c.resyncs, c.over_budget,
+                self.curve.denied if self.curve else 0,
                 int(self.calibration_id, 16) if self.calibration_id else 0, self.profile.latency_budget_ms,
                 cfg.act_dim, cfg.obs_dim, *nan_if_none(cfg.max_delta, cfg.act_dim),
                 *nan_if_none(cfg.obs_low, cfg.obs_dim), *nan_if_none(cfg.obs_high, cfg.obs_dim)]
@@ -201,16 +214,18 @@ class ServeNode:
         return percentiles((d["t_send_ns"] - d["t_recv_ns"]) / 1e3)
 
     # --- one answered state -----------------------------------------------------------------
-    def _answer(self, frame: bytes, t_recv: int) -> None:
+    def _admit(self, frame: bytes, t_recv: int) -> tuple[P.Message, int] | None:
+        """Checks on receipt: (message, age in ns) for a state worth answering, else None (counted).
+        A rejected frame never takes the place of a pending good state."""
         try:
             msg = P.decode(frame)
         except P.ProtocolError:
             self.counters.malformed += 1
-            return
+            return None
         if msg.type != P.MsgType.STATE:
             self.counters.malformed += 1
-            return
-        restart = bool(msg.flags & 2)  # the robot's first message after its (re)start
+            return None
+        restart = bool(msg.flags & 2) and msg.seq <= 1  # the robot's first state after its (re)start
         # Re-sync: after max_consecutive_stale states in a row rejected for their seq or their
         # clock, the stream itself has changed (a robot restarted without its flag, a forged seq
         # or clock): take this state as the new reference, and safe-stop, so that acting on the
@@ -224,18 +239,32 @@ class ServeNode:
         if self._last_state_seq is not None and msg.seq <= self._last_state_seq and not resync:
             self.counters.replayed += 1  # old, replayed or out-of-order: never act on it
             self._consecutive_rejected += 1
-            return
+            return None
         transit = t_recv - msg.t_ns
-        if self._offset_ns is not None and transit < self._offset_ns - self.stale_ns and not resync:
-            # Sent "in the future" by more than the staleness limit: a clock jump or a forged
-            # time. Not acted on, and it does not move the clock offset.
-            self.counters.clock_jumps += 1
-            self._consecutive_rejected += 1
-            return
+        if self.profile.same_clock:
+            # One clock (one host, or clocks synchronised by PTP): the age is the transit time.
+            # A state "from the future" by more than the staleness limit is a clock jump or a
+            # forged time: never acted on.
+            if transit < -self.stale_ns:
+                self.counters.clock_jumps += 1
+                self._consecutive_rejected += 1
+                return None
+            self._offset_ns = 0
+        else:
+            # Two unsynchronised clocks: the offset is the smallest transit since the robot's start.
+            self._offset_ns = transit if self._offset_ns is None or resync else min(self._offset_ns, transit)
         self._last_state_seq = msg.seq
         self._consecutive_rejected = 0
-        self._offset_ns = transit if self._offset_ns is None or resync else min(self._offset_ns, transit)
-        age = transit - self._offset_ns
+        return msg, transit - self._offset_ns
+
+    def _answer(self, frame: bytes, t_recv: int) -> None:
+        """Admit and act on one state frame at once (the loop admits on receipt, acts when due)."""
+        admitted = self._admit(frame, t_recv)
+        if admitted is not None:
+            self._act(*admitted, t_recv)
+
+    def _act(self, msg: P.Message, age: int, t_recv: int) -> None:
+        """Answer an admitted state with exactly one command."""
         self.counters.ticks += 1
         obs = msg.payload
         usable, flags = self.safety.check_state(obs)
@@ -276,17 +305,22 @@ class ServeNode:
         else:
             command = self.safety.safe_command()
             cmd_flags = int(P.CommandFlag.SAFE)
-        self._seq += 1
-        self.command_sock.send(P.encode(P.MsgType.COMMAND, self._seq, command, ref=msg.seq, flags=cmd_flags))
-        self.recorder.add(t_recv, time.monotonic_ns(), msg.seq, msg.t_ns, policy_us, int(self.state), flags, command,
+        self._cmd_seq += 1
+        self.command_sock.send(P.encode(P.MsgType.COMMAND, self._cmd_seq, command, ref=msg.seq, flags=cmd_flags))
+        t_send = time.monotonic_ns()
+        if policy_us == policy_us and t_send - t_recv > self.budget_ns:
+            self.counters.over_budget += 1  # a policy command sent after the budget (the process was descheduled)
+        self.recorder.add(t_recv, t_send, msg.seq, msg.t_ns, policy_us, int(self.state), flags, command,
                           obs if obs.shape == (self.profile.obs_dim,) else None)
 
     # --- the loop ---------------------------------------------------------------------------
     def _periodic(self, now: int) -> None:
+        """Once a period: without a usable state for stale_periods, count a stale tick; safe-stop
+        at the last check inside (stale_periods + max_consecutive_stale) periods of the last one."""
         if self.state == P.NodeState.RUNNING and self._last_good_ns is not None and now - self._last_good_ns > self.stale_ns:
             self.counters.stale += 1
             self._consecutive_stale += 1
-            if self._consecutive_stale >= self.profile.max_consecutive_stale:
+            if now - self._last_good_ns + self.period_ns >= self.no_state_limit_ns:
                 self._enter(P.NodeState.SAFE_STOP, f"no fresh state for {(now - self._last_good_ns) / 1e6:.1f} ms")
 
     def request_stop(self, *_) -> None:
@@ -313,29 +347,31 @@ class ServeNode:
                     wake = now
                 elif now < spin_from:
                     wake = min(wake, spin_from)
+            # Always wait in poll(), which wakes the moment a message comes. It counts whole
+            # milliseconds, so round up: periodic work may run up to 1 ms late, answers never.
             left = wake - now
-            if 0 < left < 1_500_000:  # poll() counts whole milliseconds: sleep short waits instead
-                time.sleep(left / 1e9)
-                left = 0
-            events = dict(poller.poll(max(0, left // 1_000_000)))
+            events = dict(poller.poll(-(-left // 1_000_000) if left > 0 else 0))
             try:
-                if self.control_sock in events:
-                    self._handle_control()
                 if self.state_sock in events:
                     try:
-                        self._pending = (self.state_sock.recv(zmq.NOBLOCK), time.monotonic_ns())
+                        frame, t_recv = self.state_sock.recv(zmq.NOBLOCK), time.monotonic_ns()
+                        admitted = self._admit(frame, t_recv)
+                        if admitted is not None:
+                            self._pending = (admitted, t_recv)
                     except zmq.Again:
                         pass
                 now = time.monotonic_ns()
                 if self._pending is not None:
                     if now - self._last_eval_ns >= min_gap:
-                        frame, t_recv = self._pending
+                        (msg, age), t_recv = self._pending
                         self._pending = None
                         self._last_eval_ns = now
                         self._expected_ns = t_recv + self.period_ns
-                        self._answer(frame, t_recv)
+                        self._act(msg, age, t_recv)
                     else:
                         self.counters.deferred += 1
+                if self.control_sock in events:
+                    self._handle_control()  # after the state: a control flood cannot delay an answer
                 if now >= deadline + self.period_ns:
                     passed = (now - deadline) // self.period_ns
                     self.counters.overruns += max(0, passed - 1)
@@ -348,8 +384,8 @@ class ServeNode:
                 self.counters.errors += 1
                 self._enter(P.NodeState.FAULT, f"internal error: {type(exc).__name__}: {exc}")
         # Hand over: one last safe command, then the robot's watchdog is in charge.
-        self._seq += 1
-        self.command_sock.send(P.encode(P.MsgType.COMMAND, self._seq, self.safety.safe_command(),
+        self._cmd_seq += 1
+        self.command_sock.send(P.encode(P.MsgType.COMMAND, self._cmd_seq, self.safety.safe_command(),
                                         ref=self._last_state_seq or 0, flags=int(P.CommandFlag.SAFE)))
 
     def close(self) -> None:

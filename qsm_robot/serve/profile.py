@@ -38,7 +38,8 @@ class Endpoints:
 @dataclass
 class RobotSettings:
     watchdog_periods: int = 5
-    """No fresh command for this many periods -> the robot applies its safe command."""
+    """The robot applies its safe command within this many periods of its last fresh command
+    (at the last command cutoff inside that time)."""
     episode_steps: int = 1000
     """Control steps per simulated episode."""
 
@@ -62,10 +63,16 @@ class Profile:
     """Refuse a model trained at another control period (turn off only for timing benchmarks)."""
     stale_periods: int = 3
     """A state older than this many periods (or no new state for as long) is stale."""
+    same_clock: bool = True
+    """Robot and node read the same monotonic clock (one host) or PTP-synchronised clocks: a
+    state's age is its transit time. false (separate hosts): the age is measured from the
+    smallest transit seen since the robot's start, and a forged timestamp can make states look
+    stale until the robot restarts (use CURVE)."""
     max_consecutive_misses: int = 10
     """Consecutive deadline misses that send the node to safe-stop."""
     max_consecutive_stale: int = 25
-    """Consecutive ticks without a usable state that send the node to safe-stop."""
+    """Consecutive stale or invalid states that send the node to safe-stop; with no state at
+    all, safe-stop comes within stale_periods + max_consecutive_stale periods of the last one."""
     fallback: str = "hold"
     """On a miss or a bad state: 'hold' the last command or send the 'safe' command."""
     spin_us: float = 0.0

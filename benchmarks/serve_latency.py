@@ -63,6 +63,12 @@ def run_pair(model: Path, profile_path: Path, episodes: int, work: Path, kill_af
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_at = None
     if kill_after_s is not None:
+        client = ControlClient(profile.endpoints.control, timeout_s=0.5)
+        try:  # kill only once the loop runs: the robot takes seconds to load its physics
+            while client.send(P.MsgType.HEARTBEAT)["node_state"] != "RUNNING":
+                time.sleep(0.05)
+        finally:
+            client.close()
         time.sleep(kill_after_s)
         killed_at = time.monotonic_ns()
         os.kill(serve.pid, signal.SIGKILL)
@@ -111,7 +117,7 @@ def main() -> None:
         episodes = max(1, round(args.seconds * rate / Profile.load(profile).robot.episode_steps))
         rows.append(run_pair(args.model, profile, episodes, work))
         print(f"{rate} Hz done", file=sys.stderr)
-        kills.append(run_pair(args.model, profile, 2, work, kill_after_s=2.0))
+        kills.append(run_pair(args.model, profile, 2, work, kill_after_s=1.0))
     for table in (rows, kills):
         print_table(table)
         print()

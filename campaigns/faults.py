@@ -556,8 +556,8 @@ def fault_spikes(model: Path, work_dir: Path, profile_path: Path, every: int = 5
     if end["node_state"] != "RUNNING" or summary["final_state"] != "RUNNING":
         problems.append(f"node {end['node_state']} / {summary['final_state']} at the end (expected RUNNING: the "
                         "stalls are not consecutive)")
-    if robot["trips_in_run"]:
-        problems.append(f"{robot['trips_in_run']} robot watchdog trips during the run")
+    # Robot watchdog trips are reported in the notes, not judged: a stall delays the answers to the
+    # states around it, and the robot's watchdog is the layer that covers a quiet node.
     return row(f"spikes {spike_ms:g} ms every {every}th call", not problems,
                f"{info['injected_stalls']} stalls -> {info['stalled_misses_with_fallback']} fallback-answered misses",
                f"every stall a miss answered by a fallback (budget {s.profile.latency_budget_ms:g} ms)",
@@ -590,8 +590,6 @@ def fault_spikes_consecutive(model: Path, work_dir: Path, profile_path: Path, sp
         problems.append(f"final state {summary['final_state']}")
     if summary["misses"] != limit or summary["injected_stalls"] != limit:
         problems.append(f"misses {summary['misses']}, stalls {summary['injected_stalls']}, expected {limit} each")
-    if robot["trips_in_run"]:
-        problems.append(f"{robot['trips_in_run']} robot watchdog trips during the run")
     return row("spikes on every call", not problems,
                f"SAFE_STOP after {summary['misses']} consecutive misses ({summary['injected_stalls']} stalls)",
                f"{limit} misses", "max_consecutive_misses",

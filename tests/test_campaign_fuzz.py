@@ -45,13 +45,13 @@ def test_the_monitor_flags_bad_commands_and_the_rate_check_catches_a_jump(tmp_pa
         ctx.term()
     c = lambda seq, v, flags=0, ref=None: (seq, seq, seq if ref is None else ref, flags, np.array([v]))  # noqa: E731
     check, cmds = RateCheck([0.2]), [c(1, 0.0), c(2, 0.2), c(3, 0.5), c(4, 0.0, flags=2), c(5, 0.1)]
-    out = check.run(cmds, status_seqs=set())  # run() takes the growing list and checks what is new
+    out = check.run(cmds)  # run() takes the growing list and checks what is new
     assert out["rate_viol"] == 1 and out["rate_checked"] == 3  # 0.2 -> 0.5 jumps; the SAFE command may jump
-    cmds += [c(7, 0.3), c(9, 0.9)]
-    out = check.run(cmds, status_seqs={6})  # seq 6 was a STATUS reply: 5 -> 7 is contiguous, 7 -> 9 is not
+    cmds += [c(6, 0.3), c(8, 0.9)]
+    out = check.run(cmds)  # 5 -> 6 is contiguous; 6 -> 8 lost a command, so it cannot be judged
     assert out["rate_viol"] == 0 and out["rate_checked"] == 1 and out["rate_unverified_exceed"] == 1
     # The robot's view: commands answering its seqs 20 and 21 differ by more than the limit.
-    out = RateCheck([0.2]).run([c(1, 0.0, ref=20), c(2, 0.2, ref=0), c(3, 0.4, ref=21)], status_seqs=set())
+    out = RateCheck([0.2]).run([c(1, 0.0, ref=20), c(2, 0.2, ref=0), c(3, 0.4, ref=21)])
     assert out["rate_viol"] == 0 and out["robot_view_exceed"] == 1
 
 

@@ -60,7 +60,7 @@ from harness import (REPO, RESULTS, ControlClient, Drain, P, print_table, privat
                      status, write_csv, write_json)
 
 from qsm_robot.serve.profile import Profile, ProfileError
-from qsm_robot.serve.telemetry import MISS_BIT, STALE_BIT
+from qsm_robot.serve.telemetry import INJECTED_BIT, MISS_BIT, STALE_BIT
 
 FALLBACK_BIT = 1 << 5
 RECONNECT_MS = 100.0
@@ -479,12 +479,9 @@ def fault_restart_serve(model: Path, work_dir: Path, profile_path: Path, run_s: 
                oldest_state_acted_on_ms=round(stale_age_ms, 1), problems=problems)
 
 
-def stalled_ticks(ticks: np.ndarray, every: int) -> np.ndarray:
-    """Which ticks of a flight record carried an injected stall: the policy ran on a tick that has a
-    policy time or a miss, and the runner stalls its every-th call."""
-    miss = (ticks["flags"].astype(np.int64) & MISS_BIT) > 0
-    called = np.isfinite(ticks["policy_us"]) | miss
-    return called & (np.cumsum(called) % every == 0)
+def stalled_ticks(ticks: np.ndarray) -> np.ndarray:
+    """Which ticks of a flight record carried an injected stall (the node flags them)."""
+    return (ticks["flags"].astype(np.int64) & INJECTED_BIT) > 0
 
 
 def robot_trips(robot: dict, start_ns: int, end_ns: int) -> int:
@@ -507,12 +504,12 @@ def _spikes(s: Session, every: int, spike_ms: float, run_s: float, want: set[str
     return end, summary, {**robot, "trips_in_run": trips, "startup_trips": robot_trips(robot, 0, first + 100_000_000)}, ticks, t_stop
 
 
-def _spike_checks(summary: dict, ticks: np.ndarray, robot: dict, spike_ms: float, every: int) -> tuple[dict, list[str]]:
+def _spike_checks(summary: dict, ticks: np.ndarray, robot: dict, spike_ms: float) -> tuple[dict, list[str]]:
     fc = flight_counts(ticks)
     lat_ms = (ticks["t_send_ns"] - ticks["t_recv_ns"]) / 1e6
     f = ticks["flags"].astype(np.int64)
     miss, fb = (f & MISS_BIT) > 0, (f & FALLBACK_BIT) > 0
-    stalled = stalled_ticks(ticks, every)
+    stalled = stalled_ticks(ticks)
     late = (lat_ms > summary["latency_budget_ms"]) & ~miss
     info = {"injected_stalls": summary["injected_stalls"], "stalled_ticks": int(stalled.sum()),
             "stalled_misses_with_fallback": int((stalled & miss & fb).sum()),
@@ -552,7 +549,7 @@ def fault_spikes(model: Path, work_dir: Path, profile_path: Path, every: int = 5
     finally:
         s.close()
     info, problems = _spike_checks({**summary, "latency_budget_ms": s.profile.latency_budget_ms}, ticks, robot,
-                                   spike_ms, every)
+                                   spike_ms)
     if end["node_state"] != "RUNNING" or summary["final_state"] != "RUNNING":
         problems.append(f"node {end['node_state']} / {summary['final_state']} at the end (expected RUNNING: the "
                         "stalls are not consecutive)")
@@ -582,7 +579,7 @@ def fault_spikes_consecutive(model: Path, work_dir: Path, profile_path: Path, sp
     finally:
         s.close()
     info, problems = _spike_checks({**summary, "latency_budget_ms": s.profile.latency_budget_ms}, ticks, robot,
-                                   spike_ms, 1)
+                                   spike_ms)
     reason = f"{limit} consecutive deadline misses or bad actions"
     if summary["safe_stop_reasons"] != [reason]:
         problems.append(f"safe-stop reasons {summary['safe_stop_reasons']}, expected [{reason!r}]")

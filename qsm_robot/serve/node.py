@@ -29,7 +29,7 @@ from qsm_robot.serve.auth import CurveServer
 from qsm_robot.serve.policy_runner import PolicyRunner
 from qsm_robot.serve.profile import Profile, check_contract
 from qsm_robot.serve.safety import SafetyChain, SafetyConfig
-from qsm_robot.serve.telemetry import MISS_BIT, STALE_BIT, FlightRecorder, percentiles
+from qsm_robot.serve.telemetry import INJECTED_BIT, MISS_BIT, STALE_BIT, FlightRecorder, percentiles
 
 STATUS_FIELDS = ("node_state", "ticks", "misses", "stale", "fallbacks", "bounds_clamped", "rate_clamped",
                  "state_invalid", "action_invalid", "obs_out_of_range", "malformed", "p50_us", "p99_us", "max_us",
@@ -289,6 +289,8 @@ class ServeNode:
                 action = self.runner.run(obs, (self.budget_ns - (time.monotonic_ns() - t_recv)) / 1e9)
                 if action is not None and time.monotonic_ns() - t_recv > self.budget_ns:
                     action = None  # finished, but past the budget: too late to use
+                if self.runner.stalled:
+                    flags |= INJECTED_BIT
                 if action is None:
                     self.counters.misses += 1
                     self._consecutive_misses += 1

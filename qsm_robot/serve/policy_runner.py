@@ -27,6 +27,8 @@ class PolicyRunner:
         if spike_every < 0 or spike_ms < 0:
             raise ValueError(f"spike_every and spike_ms must be >= 0, got {spike_every} and {spike_ms}")
         self.spike_every, self.spike_s, self.calls, self.spikes = spike_every, spike_ms / 1e3, 0, 0
+        self.stalled = False
+        """Whether the last call carried an injected stall (flight record bit INJECTED_BIT)."""
         self.session = make_session(model)
         self.contract: ModelContract = read_contract(self.session)
         self.noise_shape = (1, self.contract.teacher_steps, self.contract.act_dim)
@@ -60,6 +62,7 @@ class PolicyRunner:
     def run(self, obs: np.ndarray, budget_s: float) -> np.ndarray | None:
         """One action for obs [obs_dim], or None if the budget ran out (or the model failed)."""
         noise = self.rng.standard_normal(self.noise_shape, dtype=np.float32)
+        self.stalled = False
         if budget_s <= 0:
             return None
         t = time.perf_counter_ns()
@@ -67,8 +70,9 @@ class PolicyRunner:
             self._deadline_ns = time.monotonic_ns() + int(budget_s * 1e9)
             self._cv.notify()
         self.calls += 1
+        self.stalled = bool(self.spike_every) and self.calls % self.spike_every == 0
         try:
-            if self.spike_every and self.calls % self.spike_every == 0:
+            if self.stalled:
                 self.spikes += 1
                 time.sleep(self.spike_s)  # injected stall: the watchdog terminates the run below
             action = self.session.run(None, {"obs": obs.reshape(1, -1).astype(np.float32), "noise": noise}, self._options)[0][0]

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 FLAG_NAMES = ("state_invalid", "obs_out_of_range", "action_invalid", "bounds_clamped", "rate_clamped",
-              "fallback", "miss", "stale")
-MISS_BIT, STALE_BIT = 1 << 6, 1 << 7
+              "fallback", "miss", "stale", "injected_stall")
+MISS_BIT, STALE_BIT, INJECTED_BIT = 1 << 6, 1 << 7, 1 << 8
 
 
 class LatencyHistogram:

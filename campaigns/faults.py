@@ -56,10 +56,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from harness import (REPO, RESULTS, ControlClient, Drain, P, print_table, private_profile, start_serve, start_sim,
-                     status, write_csv, write_json)
+from harness import (REPO, RESULTS, ControlClient, Drain, P, load_inputs, print_table, private_profile, start_serve,
+                     start_sim, status, write_csv, write_json)
 
-from qsm_robot.serve.profile import Profile, ProfileError
+from qsm_robot.serve.profile import Profile
 from qsm_robot.serve.telemetry import INJECTED_BIT, MISS_BIT, STALE_BIT
 
 FALLBACK_BIT = 1 << 5
@@ -631,15 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE, help="deployment profile (endpoints are replaced)")
     p.add_argument("--trials", type=int, default=3, help="repeats of each kill -9 measurement")
     args = p.parse_args(argv)
-    if not args.model.is_file():
-        print(f"faults.py: error: model {args.model} does not exist: export one with "
-              f"'qsm-export RUN --out {args.model}' or pass --model", file=sys.stderr)
-        return 2
-    try:
-        profile = Profile.load(args.profile)
-    except ProfileError as exc:
-        print(f"faults.py: error: {exc}", file=sys.stderr)
-        return 2
+    profile = load_inputs("faults.py", args.model, args.profile)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = RESULTS / f"faults-{stamp}"
     print(f"faults: {args.model} on {profile.name} ({profile.rate_hz:g} Hz, budget {profile.latency_budget_ms} ms), "

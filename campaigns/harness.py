@@ -21,10 +21,23 @@ from common import print_table, write_csv  # noqa: E402,F401  (re-exported for t
 
 from qsm_robot.serve import protocol as P  # noqa: E402
 from qsm_robot.serve.client import ControlClient  # noqa: E402
+from qsm_robot.serve.profile import Profile, ProfileError  # noqa: E402
 
 SERVE = [sys.executable, "-m", "qsm_robot.cli.serve"]
 SIM = [sys.executable, "-m", "qsm_robot.robot.node"]
 RESULTS = REPO / "benchmarks" / "results"
+
+
+def load_inputs(prog: str, model: Path, profile_path: Path) -> Profile:
+    """The campaign's profile, after checking that the model exists; exits 2 with the reason."""
+    try:
+        if not model.is_file():
+            raise ProfileError(f"model {model} does not exist: export one with 'qsm-export RUN --out {model}' "
+                               "or pass --model")
+        return Profile.load(profile_path)
+    except ProfileError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def child_env() -> dict[str, str]:

@@ -32,9 +32,7 @@ import time
 from pathlib import Path
 
 from faults import DEFAULT_MODEL, DEFAULT_PROFILE, FaultError, Session, flight_counts, start_running, stop
-from harness import RESULTS, print_table, rss_kib, status, write_csv
-
-from qsm_robot.serve.profile import Profile, ProfileError
+from harness import RESULTS, load_inputs, print_table, rss_kib, status, write_csv
 
 RSS_GROWTH_PCT, RATE_TOL_PCT = 5.0, 0.5
 COLUMNS = ["minute", "node_state", "rss_kib", "rss_max_kib", "rss_growth_pct", "rate_hz", "ticks", "misses",
@@ -131,15 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--sample-s", type=float, default=5.0, help="RSS sample period, seconds")
     args = p.parse_args(argv)
-    if not args.model.is_file():
-        print(f"soak.py: error: model {args.model} does not exist: export one with "
-              f"'qsm-export RUN --out {args.model}' or pass --model", file=sys.stderr)
-        return 2
-    try:
-        profile = Profile.load(args.profile)
-    except ProfileError as exc:
-        print(f"soak.py: error: {exc}", file=sys.stderr)
-        return 2
+    profile = load_inputs("soak.py", args.model, args.profile)
     if args.minutes <= 0 or args.sample_s <= 0:
         p.error("--minutes and --sample-s must be > 0")
     stamp = time.strftime("%Y%m%d-%H%M%S")

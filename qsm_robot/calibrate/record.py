@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qsm_robot.serve.profile import read_json
+
 SCHEMA_VERSION = 1
 
 
@@ -124,13 +126,7 @@ class CalibrationRecord:
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationRecord":
-        try:
-            data = json.loads(Path(path).read_text())
-        except OSError as exc:
-            raise CalibrationError(f"cannot read calibration record {path}: {exc.strerror}") from None
-        except ValueError as exc:
-            raise CalibrationError(f"calibration record {path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, "calibration record", CalibrationError), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -25,6 +25,16 @@ class ProfileError(ValueError):
     """An invalid profile, or a model that does not match it; the message names the field."""
 
 
+def read_json(path: str | Path, what: str, error: type[Exception]) -> Any:
+    """The JSON in a file, or ``error`` saying why not (missing, unreadable, not JSON)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise error(f"{what} {path} is not valid JSON: {exc}") from None
+
+
 @dataclass
 class Endpoints:
     state: str = "tcp://127.0.0.1:5601"
@@ -162,13 +172,7 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
-        try:
-            data = json.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
-        except ValueError as exc:
-            raise ProfileError(f"profile {path} is not valid JSON: {exc}") from None
-        profile = cls.from_dict(data)
+        profile = cls.from_dict(read_json(path, "profile", ProfileError))
         if profile.curve is not None:
             profile.curve = profile.curve.resolve(Path(path).parent)
         return profile

@@ -40,6 +40,10 @@ STATUS_FIELDS = ("node_state", "ticks", "misses", "stale", "fallbacks", "bounds_
 calibration_id: the record's short id as an integer (0: no record)."""
 
 
+POLL_SLACK_NS = 1_000_000
+"""How late periodic work may run: the loop waits in poll(), which counts whole milliseconds."""
+
+
 def is_loopback(endpoint: str) -> bool:
     host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0]
     return endpoint.startswith(("ipc://", "inproc://")) or host in ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -323,7 +327,8 @@ class ServeNode:
         if self.state == P.NodeState.RUNNING and self._last_good_ns is not None and now - self._last_good_ns > self.stale_ns:
             self.counters.stale += 1
             self._consecutive_stale += 1
-            if now - self._last_good_ns + self.period_ns >= self.no_state_limit_ns:
+            # The next check comes a period later, plus up to POLL_SLACK_NS (poll() rounds up).
+            if now - self._last_good_ns + self.period_ns + POLL_SLACK_NS >= self.no_state_limit_ns:
                 self._enter(P.NodeState.SAFE_STOP, f"no fresh state for {(now - self._last_good_ns) / 1e6:.1f} ms")
 
     def request_stop(self, *_) -> None:

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import harness
 from conftest import REPO
 
 from qsm_robot.cli.export import main as export_main
@@ -54,26 +55,11 @@ def write_files(tmp_path, episodes=1):
 
 
 def start_serve(model, profile_path, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(SERVE + ["run", "--model", str(model), "--profile", str(profile_path), "--arm",
-                                     "--record-dir", str(tmp_path / "rec")],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return proc
+    return harness.start_serve(model, profile_path, tmp_path / "rec")
 
 
-def wait_ready(control, proc, timeout=30):
-    client = ControlClient(control, timeout_s=0.5)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                return client.send(P.MsgType.HEARTBEAT)
-            except TimeoutError:
-                continue
-    finally:
-        client.close()
-    raise AssertionError("qsm-serve did not answer")
+def wait_ready(control, proc):
+    return harness.wait_ready(control, proc, timeout_s=30)
 
 
 def offline_return(model, seed=3, noise_seed=0, steps=STEPS):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qsm_robot.config import TrainConfig
-from qsm_robot.qsm.networks import CriticEnsemble, Denoiser
+from qsm_robot.qsm.networks import CriticEnsemble, Denoiser, xavier_init_
 from qsm_robot.qsm.sampler import sample_actions
 from qsm_robot.qsm.schedules import DiffusionSchedule
 
@@ -62,6 +62,9 @@ class QSMLearner(nn.Module):
         self.generator.manual_seed(cfg.seed)
         self.denoiser = Denoiser(obs_dim, act_dim, cfg.hidden_dim, cfg.num_layers, cfg.time_dim, cfg.fourier_dim)
         self.critic = CriticEnsemble(obs_dim, act_dim, cfg.hidden_dim, cfg.num_layers, n=2)
+        if cfg.init == "xavier":
+            xavier_init_(self.denoiser)
+            xavier_init_(self.critic)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.schedule = DiffusionSchedule(cfg.schedule, cfg.diffusion_steps)
         self.to(device)

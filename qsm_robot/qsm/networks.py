@@ -127,6 +127,29 @@ class EnsembleLinear(nn.Module):
         return torch.stack([torch.addmm(b, xi, w) for b, xi, w in zip(self.bias, x, self.weight)])
 
 
+INITS = ("xavier", "torch")
+"""Weight initialisations: ``xavier`` (the reference implementation's: Xavier-uniform weights and zero
+biases in every dense layer, Fourier features N(0, 0.2^2)) or ``torch`` (nn.Linear's default)."""
+
+
+def xavier_init_(module: nn.Module) -> nn.Module:
+    """Xavier-uniform weights and zero biases for every dense layer in ``module`` (card: "Networks").
+
+    Fourier feature weights are left as drawn (N(0, 0.2^2)). An :class:`EnsembleLinear` member is
+    a dense layer of its own: fan_in and fan_out are its in_dim and out_dim, not the stack's.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, EnsembleLinear):
+            _, fan_in, fan_out = m.weight.shape
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            nn.init.uniform_(m.weight, -bound, bound)
+            nn.init.zeros_(m.bias)
+    return module
+
+
 class CriticEnsemble(nn.Module):
     """``n`` independent Q(s, a) MLPs with ReLU; forward returns [n, B]."""
 

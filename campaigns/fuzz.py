@@ -662,17 +662,17 @@ def build_profile(rate_hz: float, endpoints: dict, max_delta: float | None) -> d
     names = {f.name for f in dc_fields(Profile)}
     period_ms = 1e3 / rate_hz
     data.update(name=f"fuzz-{rate_hz:g}hz", rate_hz=rate_hz, endpoints=endpoints)
-    if rate_hz != json.loads(BASE_PROFILE.read_text())["rate_hz"]:
+    if rate_hz != Profile.load(BASE_PROFILE).rate_hz:
         data["check_control_period"] = False
     data["latency_budget_ms"] = min(float(data.get("latency_budget_ms", 2.0)), 0.5 * period_ms)
     if "require_calibration" in names:
         data["require_calibration"] = False
     data.pop("curve", None)
-    span = np.array(data["action_high"], float) - np.array(data["action_low"], float)
+    span = np.array(data["policy"]["action_high"], float) - np.array(data["policy"]["action_low"], float)
     if max_delta is None:
         data["max_delta_per_tick"] = data.get("max_delta_per_tick") or [round(float(x), 6) for x in 0.1 * span]
     else:
-        data["max_delta_per_tick"] = [float(max_delta)] * data["act_dim"] if max_delta > 0 else None
+        data["max_delta_per_tick"] = [float(max_delta)] * len(span) if max_delta > 0 else None
     return data
 
 
@@ -1021,8 +1021,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.model.is_file():
         print(f"fuzz: error: model {a.model} does not exist: export one (qsm-export) or pass --model", file=sys.stderr)
         return 2
-    if a.messages < 1 or a.burst < 1 or not 50 <= a.rate <= 1000:
-        print("fuzz: error: --messages and --burst must be >= 1, --rate in [50, 1000]", file=sys.stderr)
+    if a.messages < 1 or a.burst < 1 or not 1 <= a.rate <= 1000:
+        print("fuzz: error: --messages and --burst must be >= 1, --rate in [1, 1000] (the profile's range)", file=sys.stderr)
         return 2
     work = a.work_dir or Path(tempfile.mkdtemp(prefix="qsm-fuzz-"))
     result = run_campaign(a.model, work, a.messages, a.seed, a.rate, max_delta=a.max_delta, burst=a.burst,

@@ -27,7 +27,7 @@ class TrainConfig:
     task: str = "cartpole-swingup"
     """dm_control suite task as domain-task (e.g. walker-walk)."""
     steps: int = 1_000_000
-    """Environment steps (policy actions) in the whole run."""
+    """Policy steps (actions) in the whole run; the task runs steps x action_repeat frames (control steps)."""
     seed: int = 0
     """Seeds torch, numpy, the training env and the (distinct) evaluation env."""
     device: str = "auto"
@@ -37,7 +37,8 @@ class TrainConfig:
     preset: str = "reference"
     """Preset the defaults came from (recorded for the record; set with --preset)."""
     threads: int = 0
-    """CPU threads for torch; 0 leaves torch's default."""
+    """CPU threads for torch; 0: as many as the CPUs this process may run on (its affinity), so
+    that runs pinned side by side (taskset, Ray) do not oversubscribe the cores."""
 
     # --- environment ---
     action_repeat: int = 1
@@ -90,17 +91,17 @@ class TrainConfig:
     learning_starts: int = 10_000
     """Uniform random actions for this many steps, then learning begins."""
     updates_per_step: int = 1
-    """Critic + actor updates per environment step once learning has begun."""
+    """Critic + actor updates per policy step once learning has begun."""
 
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 10_000
-    """Evaluate every this many environment steps (and at the end)."""
+    """Evaluate every this many policy steps (and at the end)."""
     eval_episodes: int = 10
     """Episodes per evaluation, run side by side in separate envs."""
     log_every: int = 1_000
-    """Write training metrics every this many environment steps."""
+    """Write training metrics every this many policy steps."""
     checkpoint_every: int = 50_000
-    """Checkpoint every this many environment steps (and at the end, and on Ctrl-C/SIGTERM)."""
+    """Checkpoint every this many policy steps (and at the end, and on Ctrl-C/SIGTERM)."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (older ones are deleted; the latest is always kept)."""
 
@@ -158,6 +159,21 @@ class TrainConfig:
         return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; all CPUs where the OS has no such call)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_threads(threads: int) -> int:
+    """The torch thread count for a config's ``threads`` (0 = :func:`available_cpus`)."""
+    return threads if threads > 0 else available_cpus()
+
+
 def resolve_device(device: str):
     """'auto' | 'cpu' | 'cuda[:N]' -> torch.device, or ConfigError naming the field."""
     import torch
@@ -189,7 +205,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "steps": 2_000, "hidden_dim": 32, "time_dim": 16, "fourier_dim": 8, "batch_size": 32,
         "buffer_size": 10_000, "learning_starts": 200, "eval_every": 1_000, "eval_episodes": 2,
-        "log_every": 100, "checkpoint_every": 500,
+        "log_every": 100, "checkpoint_every": 500, "threads": 1,  # tiny matmuls: threads only add overhead
     },
 }
 

@@ -9,7 +9,7 @@ agree field by field (:func:`PolicyIO.mismatches` names every difference).
 JSON form (``to_dict``)::
 
     {"task": "walker-stand",
-     "obs": [["orientations", 14], ["height", 1], ["velocity", 9]],
+     "obs": [["height", 1], ["orientations", 14], ["velocity", 9]],
      "action_names": ["right_hip", ...], "action_low": [-1.0, ...], "action_high": [1.0, ...],
      "control_period_s": 0.025, "action_repeat": 1, "episode_steps": 1000,
      "io_version": 1}

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, profile_data
 
 from qsm_robot.serve import protocol as P
 from qsm_robot.serve.auth import AuthError, generate_keypair
@@ -35,11 +35,11 @@ def keys(tmp_path):
 
 
 def curve_profile(tmp_path, keys, **endpoints) -> Path:
-    data = {"name": "auth", "task": "cartpole-swingup", "obs_dim": 5, "act_dim": 1, "action_low": [-1.0],
-            "action_high": [1.0], "safe_command": [0.0], "require_calibration": False,
-            "endpoints": endpoints or {k: f"ipc://{tmp_path}/{k}.sock" for k in ("state", "command", "control")},
-            "curve": {"server_secret_key": "keys/node.key_secret", "server_public_key": "keys/node.key",
-                      "allowed_clients": "keys/allowed"}}
+    data = profile_data(
+        "auth", require_calibration=False,
+        endpoints=endpoints or {k: f"ipc://{tmp_path}/{k}.sock" for k in ("state", "command", "control")},
+        curve={"server_secret_key": "keys/node.key_secret", "server_public_key": "keys/node.key",
+               "allowed_clients": "keys/allowed"})
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(data))
     return path

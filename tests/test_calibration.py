@@ -9,9 +9,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, profile_data
 
-from qsm_robot.calibrate.measure import CalibrateOptions, derive_envelope, propose_budget
+from qsm_robot.calibrate.measure import CalibrateOptions, command_sequence, derive_envelope, propose_budget
 from qsm_robot.calibrate.record import CalibrationError, CalibrationRecord, SafetyValues, file_sha256
 from qsm_robot.serve.profile import Profile
 
@@ -19,10 +19,9 @@ SERVE = [sys.executable, "-m", "qsm_robot.cli.serve"]
 
 
 def write_profile(tmp_path, **overrides):
-    data = {"name": "cal", "task": "cartpole-swingup", "obs_dim": 5, "act_dim": 1, "action_low": [-1.0],
-            "action_high": [1.0], "safe_command": [0.0], "rate_hz": 100,
-            "endpoints": {k: f"ipc://{tmp_path}/{k}.sock" for k in ("state", "command", "control")},
-            "robot": {"watchdog_periods": 5, "episode_steps": 120}, **overrides}
+    data = {**profile_data("cal", rate_hz=100, robot={"watchdog_periods": 5, "episode_steps": 120},
+                           endpoints={k: f"ipc://{tmp_path}/{k}.sock" for k in ("state", "command", "control")}),
+            **overrides}
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(data))
     return path
@@ -72,6 +71,9 @@ def test_a_record_names_every_way_it_does_not_belong(tmp_path):
     text = str(err.value)
     assert "model: the record is for sha256 aaaaaaaaaaaa" in text and "this model is bbbbbbbbbbbb" in text
     assert "profile: 'cal' changed since calibration (fields ['rate_hz', 'stale_periods'])" in text
+    policy = {**profile.policy.to_dict(), "episode_steps": 500}  # the I/O description is part of the binding
+    with pytest.raises(CalibrationError, match=r"changed since calibration \(fields \['policy'\]\)"):
+        record.check("a" * 64, Profile.load(write_profile(tmp_path, policy=policy)))
     other = Profile.load(write_profile(tmp_path, name="other"))
     with pytest.raises(CalibrationError, match="the record is for profile 'cal', not 'other'"):
         record.check("a" * 64, other)
@@ -107,13 +109,16 @@ def test_envelope_widens_observed_ranges_and_limits_changes_within_the_actuator_
 
 
 def test_calibrate_then_serve_with_the_record(tmp_path, tiny_model):
-    profile = write_profile(tmp_path)
+    # 50 Hz and up to 90% of the period for the budget: a loaded machine (p99.9 of several ms)
+    # still gets a record, so this tests the procedure, not the host.
+    profile = write_profile(tmp_path, rate_hz=50, check_control_period=False)
     out = subprocess.run(SERVE + ["run", "--model", str(tiny_model), "--profile", str(profile)],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "requires a calibration record: run 'qsm-serve calibrate" in out.stderr
     record_path = tmp_path / "calib" / "cal.json"
     cal = subprocess.run(SERVE + ["calibrate", "--model", str(tiny_model), "--profile", str(profile), "--name", "cal",
-                                  "--out", str(record_path), "--latency-calls", "200", "--episodes", "1"],
+                                  "--out", str(record_path), "--latency-calls", "200", "--episodes", "1",
+                                  "--max-budget-fraction", "0.9"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert cal.returncode == 0, cal.stderr
     assert "== qsm-serve calibrate ==" in cal.stdout and "max_delta_per_tick" in cal.stdout
@@ -147,3 +152,20 @@ def test_calibrate_then_serve_with_the_record(tmp_path, tiny_model):
     wrong = subprocess.run(SERVE + ["run", "--model", str(other), "--profile", str(profile), "--calibration",
                                     str(record_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "does not match: model: the record is for sha256" in wrong.stderr
+
+
+def test_the_change_from_the_safe_command_to_the_first_policy_command_counts():
+    """A policy that holds one actuator still during calibration must not get a ~0 limit there:
+    arming moves the command from the safe command to the policy's, every time."""
+    rows = np.zeros(200, dtype=[("command", np.float32, (2,)), ("state_seq", np.int64)])
+    rows["command"] = [-1.0, 0.0]  # actuator 0 saturated at -1 throughout, actuator 1 still
+    rows["state_seq"] = np.arange(1, 201)
+    rows["state_seq"][100:] += 1  # one state not answered by the policy: that pair does not count
+    commands, consecutive = command_sequence(rows, [0.0, 0.0])
+    assert commands.shape == (201, 2) and consecutive.shape == (200,)
+    assert consecutive[0] and not consecutive[100] and consecutive.sum() == 199
+    obs = np.random.default_rng(0).standard_normal((200, 3))
+    opts = CalibrateOptions(name="t", delta_quantile=100.0)
+    _, _, max_delta, _ = derive_envelope(obs, commands, consecutive, [-1.0, -1.0], [1.0, 1.0], opts)
+    assert max_delta[0] == pytest.approx(1.2)  # the arming step of 1.0, times the margin
+    assert max_delta[1] == pytest.approx(2e-3)  # never moved: the floor, 0.1% of the range

@@ -7,17 +7,16 @@ latency spikes are misses answered by fallbacks, and consecutive ones safe-stop 
 import json
 
 import pytest
+from conftest import profile_data
 from faults import fault_kill_robot, fault_restart_robot, fault_restart_serve, fault_spikes, fault_spikes_consecutive
 
 PERIOD_MS = 10.0
 STALE_PERIODS, MAX_STALE, MAX_MISSES, BUDGET_MS = 3, 10, 10, 2.0
-PROFILE = {
-    "name": "faults-test", "task": "cartpole-swingup", "obs_dim": 5, "act_dim": 1, "action_low": [-1.0],
-    "action_high": [1.0], "safe_command": [0.0], "rate_hz": 1e3 / PERIOD_MS, "latency_budget_ms": BUDGET_MS,
-    "require_calibration": False, "stale_periods": STALE_PERIODS, "max_consecutive_misses": MAX_MISSES,
-    "max_consecutive_stale": MAX_STALE, "max_delta_per_tick": None,
-    "robot": {"watchdog_periods": 5, "episode_steps": 1000},
-}  # endpoints: each fault run puts private ipc endpoints into its copy
+PROFILE = profile_data(
+    "faults-test", rate_hz=1e3 / PERIOD_MS, latency_budget_ms=BUDGET_MS, require_calibration=False,
+    stale_periods=STALE_PERIODS, max_consecutive_misses=MAX_MISSES, max_consecutive_stale=MAX_STALE,
+    max_delta_per_tick=None, robot={"watchdog_periods": 5, "episode_steps": 1000},
+)  # endpoints: each fault run puts private ipc endpoints into its copy
 
 
 @pytest.fixture(scope="module")

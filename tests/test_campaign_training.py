@@ -52,9 +52,13 @@ def test_resume_of_a_run_with_a_checkpoint_removes_stale_temporaries(tmp_path, c
     run = tmp_path / "run"
     assert main(SMOKE + ["--steps", "200", "--run-dir", str(run)]) == 0
     (run / "checkpoints" / ".tmp-step_000000300-4242").mkdir()
+    (run / "checkpoints" / ".latest.json.tmp-4242.json").write_text("{")
+    (run / ".config.json.tmp-4242.json").write_text("{")
+    (run / ".learning_curve.png.tmp-4242.png").write_bytes(b"")
     assert main(["--resume", str(run), "--steps", "300"]) == 0
     assert f"resuming {run} at step 200 of 300\n" in capsys.readouterr().err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest.json", "step_000000200", "step_000000300"]
+    assert not list(run.glob(".*.tmp-*"))
 
 
 def test_kill_delays_cover_the_window_in_every_slice():

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
@@ -42,7 +44,7 @@ def test_time_limit_is_truncation_not_termination():
 def test_action_repeat_shortens_episodes_and_sums_rewards():
     env = make_env("cartpole-swingup", seed=0, action_repeat=4)
     info = env_info(env)
-    assert info.max_episode_steps == 250 and info.control_period_s == pytest.approx(0.04)
+    assert info.episode_steps == 250 and info.control_period_s == pytest.approx(0.04) and info.action_repeat == 4
     env.reset()
     steps, total = 0, 0.0
     while True:
@@ -65,3 +67,37 @@ def test_same_seed_same_episode_and_state_restores_mid_episode():
     other.reset()
     set_env_state(other, state)
     assert all(np.array_equal(x, other.step(act)[0]) for x, act in zip(expected, actions[30:]))
+
+
+def test_the_io_description_is_what_the_tests_share_and_survives_json():
+    from conftest import CARTPOLE_IO
+
+    from qsm_robot.policy_io import PolicyIO
+
+    info = env_info(make_env("cartpole-swingup", seed=0))
+    assert info == CARTPOLE_IO
+    assert PolicyIO.from_dict(json.loads(json.dumps(info.to_dict()))) == info
+    assert env_info(make_env("cartpole-swingup", action_repeat=3)).episode_steps == 334  # ceil(1000 / 3)
+
+
+def test_obs_layout_follows_the_flat_vector_and_actuators_have_their_names():
+    env = make_env("walker-walk", seed=0)
+    info = env_info(env)
+    # gymnasium's Dict space sorts the keys, so the flat order is not dm_control's spec order.
+    assert info.obs == (("height", 1), ("orientations", 14), ("velocity", 9))
+    assert info.action_names == ("right_hip", "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle")
+    obs, _ = env.reset()
+    parts = env.unwrapped._env.task.get_observation(env.unwrapped._env.physics)
+    for name, offset, size in info.obs_layout:
+        assert np.allclose(obs[offset:offset + size], np.ravel(parts[name]), atol=1e-6), name
+
+
+def test_an_actuator_without_a_name_is_called_by_its_index():
+    from qsm_robot.envs.dmc import actuator_names
+
+    class Model:
+        def id2name(self, i, kind):
+            assert kind == "actuator"
+            return ["slide", "", "lift"][i]
+
+    assert actuator_names(Model(), 3) == ("slide", "a1", "lift")

@@ -10,11 +10,13 @@ import torch
 
 from qsm_robot.cli.export import main as export_main
 from qsm_robot.cli.train import main as train_main
+from qsm_robot.envs import env_info, make_env
 from qsm_robot.export import exporter
 from qsm_robot.export.contract import ContractError, ModelContract
 from qsm_robot.export.runtime import make_session, read_contract
 from qsm_robot.export.student import ActuatorPolicy, StudentPolicy, TeacherSampler
-from qsm_robot.qsm.policy import DiffusionPolicy, PolicySpec
+from qsm_robot.policy_io import PolicyIO
+from qsm_robot.qsm.policy import DiffusionPolicy, PolicySpec, load_policy
 
 FAST = ["--distill-iterations", "150", "--distill-batch", "128", "--student-hidden", "32", "--state-episodes", "1",
         "--eval-episodes", "2", "--latency-calls", "200", "--threads", "1"]
@@ -29,17 +31,20 @@ def run_dir(tmp_path_factory):
     return run
 
 
-def tiny_spec(act_low=(-2.0, 0.0), act_high=(3.0, 0.5)) -> PolicySpec:
-    return PolicySpec(task="cartpole-swingup", obs_dim=4, act_dim=2, obs_layout=[["x", 0, 4]], action_low=list(act_low),
-                      action_high=list(act_high), control_period_s=0.01, action_repeat=1, hidden_dim=16, num_layers=2,
-                      time_dim=8, fourier_dim=4, schedule="vp", diffusion_steps=4, temperature=1.0, clip_sample=True, step=0)
+TINY_IO = PolicyIO(task="tiny", obs=(("x", 4),), action_names=("a0", "a1"), action_low=(-2.0, 0.0),
+                   action_high=(3.0, 0.5), control_period_s=0.01, action_repeat=1, episode_steps=100).validate()
+"""Two actuators with asymmetric bounds: the rescaling and clipping show."""
+
+
+def tiny_spec() -> PolicySpec:
+    return PolicySpec(io=TINY_IO, hidden_dim=16, num_layers=2, time_dim=8, fourier_dim=4, schedule="vp",
+                      diffusion_steps=4, temperature=1.0, clip_sample=True, step=0)
 
 
 def contract_for(spec: PolicySpec) -> ModelContract:
-    return ModelContract(task=spec.task, obs_dim=spec.obs_dim, obs_layout=spec.obs_layout, act_dim=spec.act_dim,
-                         action_low=spec.action_low, action_high=spec.action_high, control_period_s=0.01, action_repeat=1,
-                         sampler="student", sampler_steps=1, teacher_steps=spec.diffusion_steps, schedule="vp",
-                         noise_shape=["batch", spec.diffusion_steps, spec.act_dim], teacher_sha256="0" * 64, teacher_step=0)
+    return ModelContract(io=spec.io, sampler="student", sampler_steps=1, teacher_steps=spec.diffusion_steps, schedule="vp",
+                         noise_shape=["batch", spec.diffusion_steps, spec.io.act_dim], teacher_sha256="0" * 64,
+                         teacher_step=0)
 
 
 def exported_pair(kind: str):
@@ -47,8 +52,8 @@ def exported_pair(kind: str):
     spec = tiny_spec()
     sampler = StudentPolicy(4, 2, spec.diffusion_steps, steps=2, hidden_dim=16) if kind == "student" \
         else TeacherSampler(DiffusionPolicy(spec))
-    module = ActuatorPolicy(sampler, spec.action_low, spec.action_high).eval()
-    model = exporter.to_onnx(module, spec.obs_dim, (spec.diffusion_steps, spec.act_dim), contract_for(spec))
+    module = ActuatorPolicy(sampler, spec.io.action_low, spec.io.action_high).eval()
+    model = exporter.to_onnx(module, spec.io.obs_dim, (spec.diffusion_steps, spec.io.act_dim), contract_for(spec))
     return spec, module, model
 
 
@@ -77,7 +82,7 @@ def test_actions_are_rescaled_to_and_clipped_at_the_actuator_bounds(kind):
         noise = np.full((8, 4, 2), value, np.float32)
         action = session.run(None, {"obs": obs, "noise": noise})[0]
         assert np.isfinite(action).all()
-        assert (action >= np.array(spec.action_low, np.float32)).all() and (action <= np.array(spec.action_high, np.float32)).all()
+        assert (action >= np.array(spec.io.action_low, np.float32)).all() and (action <= np.array(spec.io.action_high, np.float32)).all()
     # The [-1, 1] -> actuator map: low + (a + 1) / 2 * (high - low).
     obs, noise = torch.randn(16, 4), torch.randn(16, 4, 2)
     with torch.no_grad():
@@ -92,10 +97,29 @@ def test_contract_round_trip_and_errors():
     c.verification = {"parity": {"max_abs_diff": 1e-7}}
     assert ModelContract.from_metadata(c.to_metadata()) == c
     meta = c.to_metadata()
-    with pytest.raises(ContractError, match="lacks qsm_robot.act_dim"):
-        ModelContract.from_metadata({k: v for k, v in meta.items() if k != "qsm_robot.act_dim"})
+    assert json.loads(meta["qsm_robot.io"]) == TINY_IO.to_dict()
+    assert not {"qsm_robot.task", "qsm_robot.obs_dim", "qsm_robot.act_dim", "qsm_robot.action_low"} & set(meta)
+    with pytest.raises(ContractError, match="lacks qsm_robot.io"):
+        ModelContract.from_metadata({k: v for k, v in meta.items() if k != "qsm_robot.io"})
     with pytest.raises(ContractError, match="contract version 7 is not supported"):
         ModelContract.from_metadata({**meta, "qsm_robot.format_version": "7"})
+    bad_io = json.dumps({**TINY_IO.to_dict(), "action_names": ["a0"]})
+    with pytest.raises(ContractError, match=r"model metadata qsm_robot\.io: action_low: must have one value per actuator"):
+        ModelContract.from_metadata({**meta, "qsm_robot.io": bad_io})
+
+
+def test_a_version_1_contract_is_refused_with_the_command_that_re_exports_it():
+    # The metadata as contract version 1 wrote it: the I/O facts as separate keys, no qsm_robot.io.
+    v1 = {"task": "cartpole-swingup", "obs_dim": 5, "obs_layout": [["position", 0, 3], ["velocity", 3, 2]], "act_dim": 1,
+          "action_low": [-1.0], "action_high": [1.0], "control_period_s": 0.01, "action_repeat": 1, "sampler": "student",
+          "sampler_steps": 1, "teacher_steps": 5, "schedule": "vp", "noise_shape": ["batch", 5, 1],
+          "teacher_sha256": "0" * 64, "teacher_step": 0, "verification": {}, "format": "qsm-robot/onnx-policy",
+          "format_version": 1}
+    with pytest.raises(ContractError) as info:
+        ModelContract.from_metadata({f"qsm_robot.{k}": json.dumps(v) for k, v in v1.items()})
+    text = str(info.value)
+    assert "model contract version 1" in text and "reads version 2" in text
+    assert "Re-export the model from its checkpoint" in text and "qsm-export RUN_DIR" in text
 
 
 def test_cli_exports_a_verified_model_with_its_contract_and_report(run_dir, tmp_path, capsys):
@@ -104,8 +128,10 @@ def test_cli_exports_a_verified_model_with_its_contract_and_report(run_dir, tmp_
     text = capsys.readouterr().out
     assert "qsm-export summary: PASSED" in text and "p99.9" in text
     contract = read_contract(make_session(out))
-    assert (contract.task, contract.obs_dim, contract.act_dim, contract.sampler, contract.sampler_steps) == \
+    assert (contract.io.task, contract.io.obs_dim, contract.io.act_dim, contract.sampler, contract.sampler_steps) == \
         ("cartpole-swingup", 5, 1, "student", 1)
+    # The I/O description travels unchanged: make_env -> policy.json -> ONNX metadata.
+    assert contract.io == load_policy(run_dir).spec.io == env_info(make_env("cartpole-swingup"))
     assert contract.noise_shape == ["batch", 5, 1] and contract.teacher_step == 300
     assert contract.teacher_sha256 == exporter.teacher_sha256(run_dir / "checkpoints" / "step_000000300")
     assert contract.verification["parity"]["max_abs_diff"] <= 1e-5
@@ -175,14 +201,14 @@ def damage(run_dir, tmp_path, how):
     if how == "corrupt":
         (ckpt / "policy.safetensors").write_bytes(b"garbage")
     elif how == "version":
-        (ckpt / "policy.json").write_text(json.dumps({**spec, "format_version": 2}))
+        (ckpt / "policy.json").write_text(json.dumps({**spec, "format_version": 3}))
     return run
 
 
 @pytest.mark.parametrize("case,message", [
     ("missing", "does not exist"),
     ("corrupt", "cannot read the policy"),
-    ("version", "policy format version 2 is not supported"),
+    ("version", "policy format version 3 is not supported"),
     ("K>=T", "--student-steps must be in 1..4"),
     ("unwritable", "cannot write to"),
     ("suffix", "must name a .onnx file"),

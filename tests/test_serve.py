@@ -1,15 +1,18 @@
 """qsm-serve: protocol, safety chain (property-based), node behaviour, and the no-torch rule."""
 
+import json
+import re
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import make_contract
+from conftest import CARTPOLE_IO, SHAPES, cartpole_io, make_contract, profile_data
 
 from qsm_robot.serve import protocol as P
 from qsm_robot.serve.client import ControlClient
@@ -20,13 +23,9 @@ from qsm_robot.serve.telemetry import MISS_BIT
 
 
 def profile_dict(tmp_path, **overrides):
-    base = {
-        "name": "test", "task": "cartpole-swingup", "obs_dim": 5, "act_dim": 1, "action_low": [-1.0],
-        "action_high": [1.0], "safe_command": [0.0], "rate_hz": 100, "latency_budget_ms": 2.0,
-        "max_delta_per_tick": [0.3], "stale_periods": 3,
-        "endpoints": {k: f"ipc://{tmp_path}/{k}.sock" for k in ("state", "command", "control")},
-    }
-    return {**base, **overrides}
+    base = {"rate_hz": 100, "latency_budget_ms": 2.0, "max_delta_per_tick": [0.3], "stale_periods": 3,
+            "endpoints": {k: f"ipc://{tmp_path}/{k}.sock" for k in ("state", "command", "control")}}
+    return profile_data("test", **{**base, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -65,59 +64,171 @@ def test_decode_never_raises_anything_but_protocol_error(frame):
 
 # --- safety chain ------------------------------------------------------------------------------
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from([1e30, -1e30, np.nan, np.inf, -np.inf]))
-vectors = st.one_of(st.lists(floats, min_size=0, max_size=4), st.lists(floats, min_size=2, max_size=2))
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(vectors, vectors), min_size=1, max_size=40), st.sampled_from(["hold", "safe"]), st.integers(0, 10))
-def test_every_command_is_within_bounds_and_rate_limit(ticks, fallback, soft_start):
-    low, high, delta = np.array([-1.0, 0.0], np.float32), np.array([2.0, 0.5], np.float32), np.array([0.25, 0.05], np.float32)
-    chain = SafetyChain(SafetyConfig(obs_dim=2, act_dim=2, action_low=low, action_high=high, safe_command=np.array([0.0, 0.25], np.float32),
-                                     max_delta=delta, fallback=fallback, soft_start_ticks=soft_start,
-                                     soft_start_delta=np.array([0.01, 0.001], np.float32)))
+def vectors(size: int):
+    """Mostly the right size, sometimes another one: what a state or an action may look like."""
+    return st.one_of(st.lists(floats, min_size=size, max_size=size), st.lists(floats, min_size=0, max_size=size + 2))
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), fallback=st.sampled_from(["hold", "safe"]), soft_start=st.integers(0, 10))
+def test_every_command_is_within_bounds_and_rate_limit(shape, data, fallback, soft_start):
+    """Per actuator, whatever the states and actions: inside its own bounds, within its own
+    change limit of the previous command (asymmetric bounds, limits differing per actuator)."""
+    io = SHAPES[shape]
+    n = io.act_dim
+    low = np.linspace(-1.0, 0.0, n).astype(np.float32)
+    high = low + np.linspace(3.0, 0.5, n).astype(np.float32)
+    delta = np.linspace(0.25, 0.05, n).astype(np.float32)
+    chain = SafetyChain(SafetyConfig(obs_dim=io.obs_dim, act_dim=n, action_low=low, action_high=high,
+                                     safe_command=(low + high) / 2, max_delta=delta, fallback=fallback,
+                                     soft_start_ticks=soft_start, soft_start_delta=delta / 25))
     chain.arm()
     prev = chain.last.copy()
+    ticks = data.draw(st.lists(st.tuples(vectors(io.obs_dim), vectors(n)), min_size=1, max_size=40))
     for obs, action in ticks:
         usable, flags = chain.check_state(np.array(obs, dtype=np.float32))
         result = chain.filter_action(np.array(action, dtype=np.float32), flags) if usable else chain.fallback_command(flags)
         c = result.command
-        assert c.shape == (2,) and np.isfinite(c).all()
+        assert c.shape == (n,) and np.isfinite(c).all()
         assert (c >= low).all() and (c <= high).all()
         assert (np.abs(c - prev) <= delta + 1e-6).all()
         prev = c
 
 
 # --- profile -----------------------------------------------------------------------------------
+def policy_with(**changes) -> dict:
+    """CARTPOLE_IO's JSON with some keys changed (not validated: the profile's loader does that)."""
+    return {**CARTPOLE_IO.to_dict(), **changes}
+
+
 @pytest.mark.parametrize("override,message", [
-    ({"rate_hz": 2000}, "rate_hz: must be in [50, 1000]"),
+    ({"rate_hz": 2000}, "rate_hz: must be in [1, 1000]"),
     ({"latency_budget_ms": 20}, "latency_budget_ms: must be > 0 and below the period"),
     ({"safe_command": [5.0]}, "safe_command: must lie within the actuator bounds"),
-    ({"action_low": [-1.0, 0.0]}, "action_low: must have act_dim=1 values"),
+    ({"safe_command": [0.0, 0.0]}, "safe_command: must have act_dim=1 values"),
+    ({"obs_low": [0.0] * 4, "obs_high": [1.0] * 4}, "obs_low: must have obs_dim=5 values"),
+    ({"policy": policy_with(action_low=[-1.0, 0.0])}, "policy: action_low: must have one value per actuator (1)"),
+    ({"policy": policy_with(action_high=[-2.0])}, "policy: action_high: must be above action_low"),
+    ({"policy": policy_with(control_period_s=0)}, "policy: control_period_s: must be in (0, 60]"),
+    ({"policy": {k: v for k, v in CARTPOLE_IO.to_dict().items() if k != "obs"}}, "policy: missing keys ['obs']"),
     ({"fallback": "panic"}, "fallback: must be 'hold' or 'safe'"),
+    ({"robot": {"episode_steps": 0}}, "robot: robot.episode_steps must be >= 1"),
     ({"typo_key": 1}, "unknown keys ['typo_key']"),
+    ({"task": "cartpole-swingup"}, "unknown keys ['task'] (task: part of \"policy\" since profile_version 2)"),
+    ({"profile_version": 3}, "profile_version: must be 2, got 3"),
 ])
 def test_invalid_profiles_name_the_field(tmp_path, override, message):
-    with pytest.raises(ProfileError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ProfileError, match=re.escape(message)):
         Profile.from_dict(profile_dict(tmp_path, **override))
+
+
+@pytest.mark.parametrize("rate_hz,ok", [(1, True), (1000, True), (0.5, False), (1001, False)])
+def test_rate_hz_may_be_1_to_1000(tmp_path, rate_hz, ok):
+    data = profile_dict(tmp_path, rate_hz=rate_hz, latency_budget_ms=0.5, check_control_period=False)
+    if ok:
+        assert Profile.from_dict(data).period_s == pytest.approx(1 / rate_hz)
+    else:
+        with pytest.raises(ProfileError, match=re.escape(f"rate_hz: must be in [1, 1000], got {rate_hz}")):
+            Profile.from_dict(data)
+
+
+def test_rate_and_episode_steps_default_to_the_policys(tmp_path):
+    data = profile_dict(tmp_path, policy=cartpole_io(control_period_s=0.02, action_repeat=2, episode_steps=500).to_dict())
+    del data["rate_hz"]
+    profile = Profile.from_dict(data)
+    assert profile.rate_hz == pytest.approx(50) and profile.robot.episode_steps == 500
+    assert Profile.from_dict({**data, "rate_hz": None, "robot": {"episode_steps": None}}) == profile
+    assert Profile.from_dict({**data, "rate_hz": 25, "check_control_period": False, "robot": {"episode_steps": 7}}).robot.episode_steps == 7
+    # What qsm-sim and calibration read back (to_dict) is the same profile, with the values resolved.
+    assert Profile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
+
+
+def test_profile_embeds_the_policy_io_and_derives_the_rest(tmp_path):
+    profile = Profile.from_dict(profile_dict(tmp_path))
+    assert profile.policy == CARTPOLE_IO and profile.to_dict()["policy"] == CARTPOLE_IO.to_dict()
+    assert (profile.task, profile.obs_dim, profile.act_dim, profile.action_low, profile.action_high) == \
+        ("cartpole-swingup", 5, 1, (-1.0,), (1.0,))
+    assert profile.max_delta_per_tick == [0.3]
+    assert Profile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
+
+
+def test_a_version_1_profile_is_refused_with_the_command_that_writes_a_version_2_one(tmp_path):
+    v1 = {"name": "old", "task": "cartpole-swingup", "obs_dim": 5, "act_dim": 1, "action_low": [-1.0],
+          "action_high": [1.0], "safe_command": [0.0], "rate_hz": 100}  # as deploy/profiles held them
+    for data in (v1, {**v1, "profile_version": 1}):
+        with pytest.raises(ProfileError) as info:
+            Profile.from_dict(data)
+        text = str(info.value)
+        assert "profile 'old': profile_version 1" in text and "reads profile_version 2" in text
+        assert "qsm-serve profile --model MODEL.onnx --name NAME" in text
 
 
 def test_shipped_profiles_load():
     from conftest import REPO
 
     paths = sorted((REPO / "deploy" / "profiles").glob("*.json"))
-    assert len(paths) >= 3
+    assert len(paths) >= 4
     for path in paths:
-        assert Profile.load(path).name == path.stem
+        profile = Profile.load(path)
+        io = SHAPES[path.stem.split("-")[0]]  # cartpole-*, walker-*
+        assert profile.name == path.stem and profile.policy == io
+        check_contract(profile, make_contract(io))
+    sim = Profile.load(REPO / "deploy" / "profiles" / "cartpole-sim.json")
+    assert sim.rate_hz == 100 and sim.check_control_period and sim.robot.episode_steps == 1000
+    walker = Profile.load(REPO / "deploy" / "profiles" / "walker-sim.json")
+    assert walker.rate_hz == 40 and walker.check_control_period and walker.act_dim == 6
+
+
+def test_a_model_that_fits_the_profile_is_accepted(tmp_path):
+    check_contract(Profile.from_dict(profile_dict(tmp_path)), make_contract())
+    # Without the period check, a model of another period and repeat fits a profile of any rate.
+    timing = Profile.from_dict(profile_dict(tmp_path, rate_hz=500, latency_budget_ms=1.0, check_control_period=False))
+    check_contract(timing, make_contract(control_period_s=0.02, action_repeat=2))
 
 
 def test_a_model_that_does_not_fit_the_profile_is_refused_with_every_mismatch(tmp_path):
     profile = Profile.from_dict(profile_dict(tmp_path))
-    check_contract(profile, make_contract())
-    bad = make_contract(obs_dim=6, action_high=[2.0], control_period_s=0.02)
+    bad = make_contract(task="cartpole-balance", obs=(("velocity", 2), ("position", 3)), action_names=("push",),
+                        action_low=(-2.0,), action_high=(2.0,), control_period_s=0.02, action_repeat=2)
     with pytest.raises(ProfileError) as info:
         check_contract(profile, bad)
     text = str(info.value)
-    assert "obs_dim: model 6, profile 5" in text and "action_high" in text and "control period: model 20.000 ms" in text
+    assert text.startswith("model does not match profile 'test': ")
+    for expected in ("task: model 'cartpole-balance', profile 'cartpole-swingup'",
+                     "obs (names, order, sizes): model [['velocity', 2], ['position', 3]], profile [['position', 3], ['velocity', 2]]",
+                     "action_names: model ['push'], profile ['slide']",
+                     "action_low: model [-2.0], profile [-1.0]", "action_high: model [2.0], profile [1.0]",
+                     "control_period_s: model 0.02, profile 0.01", "action_repeat: model 2, profile 1",
+                     "rate_hz: model 50 Hz (control period 20.000 ms), profile 100 Hz"):
+        assert expected in text, (expected, text)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"task": "cartpole-balance"}, "task"),
+    ({"obs": (("position", 3), ("velocity", 3))}, "obs (names, order, sizes)"),
+    ({"obs": (("velocity", 2), ("position", 3))}, "obs (names, order, sizes)"),
+    ({"obs": (("pos", 3), ("velocity", 2))}, "obs (names, order, sizes)"),
+    ({"action_names": ("slider",)}, "action_names"),
+    ({"action_high": (1.5,)}, "action_high"),
+    ({"control_period_s": 0.02}, "control_period_s"),
+])
+def test_each_differing_field_is_named(tmp_path, change, field):
+    profile = Profile.from_dict(profile_dict(tmp_path))
+    with pytest.raises(ProfileError, match=re.escape(f"{field}: model ")):
+        check_contract(profile, make_contract(**change))
+
+
+def test_with_the_period_check_the_profiles_rate_must_be_the_models(tmp_path):
+    profile = Profile.from_dict(profile_dict(tmp_path, rate_hz=200, latency_budget_ms=1.0))
+    with pytest.raises(ProfileError) as info:
+        check_contract(profile, make_contract())
+    assert str(info.value) == ("model does not match profile 'test': rate_hz: model 100 Hz (control period 10.000 ms), "
+                               "profile 200 Hz (leave rate_hz null to follow the policy, or set check_control_period "
+                               "false for a timing benchmark)")
+    check_contract(replace(profile, check_control_period=False), make_contract())
 
 
 # --- the node, driven tick by tick -------------------------------------------------------------
@@ -136,24 +247,31 @@ def state_frame(seq, obs, t_ns=None):
     return P.encode(P.MsgType.STATE, seq, obs, t_ns=t_ns)
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.lists(st.one_of(
-    st.lists(floats, min_size=0, max_size=8).map(lambda v: ("obs", v)),
-    st.binary(max_size=64).map(lambda b: ("bytes", b)),
-), min_size=1, max_size=25))
-def test_node_commands_stay_safe_whatever_arrives(tmp_path_factory, model_path, inputs):
+@pytest.mark.parametrize("shape", list(SHAPES))
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_node_commands_stay_safe_whatever_arrives(tmp_path_factory, tiny_models, shape, data):
+    """The whole node (admission, safety chain, policy) on each shape: every command it sends is
+    finite, inside the bounds and within the per-actuator change limit of the one before."""
+    io = SHAPES[shape]
+    limit = np.linspace(0.3, 0.1, io.act_dim)
     tmp = tmp_path_factory.mktemp("prop")
-    n = ServeNode(model_path, Profile.from_dict(profile_dict(tmp)), seed=0)
+    profile = Profile.from_dict(profile_dict(tmp, policy=io.to_dict(), safe_command=[0.0] * io.act_dim,
+                                             rate_hz=io.rate_hz, max_delta_per_tick=limit.tolist()))
+    inputs = data.draw(st.lists(st.one_of(vectors(io.obs_dim).map(lambda v: ("obs", v)),
+                                          st.binary(max_size=64).map(lambda b: ("bytes", b))), min_size=1, max_size=25))
+    n = ServeNode(tiny_models[shape], profile, seed=0)
     try:
         arm(n)
-        n._answer(state_frame(1, np.zeros(5)), time.monotonic_ns())
+        n._answer(state_frame(1, np.zeros(io.obs_dim)), time.monotonic_ns())
         for i, (kind, value) in enumerate(inputs, start=2):
             frame = state_frame(i, np.array(value, np.float32)) if kind == "obs" else value
             n._answer(frame, time.monotonic_ns())
-        commands = n.recorder.data["command"][:, 0]
+        commands = n.recorder.data["command"]
+        assert commands.shape[1] == io.act_dim
         assert np.isfinite(commands).all() and (np.abs(commands) <= 1.0).all()
-        steps = np.abs(np.diff(np.concatenate([[0.0], commands])))
-        assert (steps <= 0.3 + 1e-6).all()
+        steps = np.abs(np.diff(np.concatenate([np.zeros((1, io.act_dim)), commands]), axis=0))
+        assert (steps <= limit + 1e-6).all()
     finally:
         n.close()
 
@@ -241,7 +359,7 @@ def test_control_channel_arms_estops_and_reports(node):
 
 def test_serving_path_imports_no_training_stack():
     code = ("import sys, qsm_robot.serve.node, qsm_robot.serve.client, qsm_robot.cli.serve, qsm_robot.calibrate.record, "
-            "qsm_robot.calibrate.measure; "
+            "qsm_robot.calibrate.measure, qsm_robot.policy_io, qsm_robot.export.contract, qsm_robot.export.runtime; "
             "bad = [m for m in ('torch', 'mujoco', 'dm_control', 'gymnasium') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -159,3 +159,23 @@ def test_help_lists_every_field_with_its_doc(capsys):
     for flag in ("--task", "--steps", "--seed", "--device", "--preset", "--run-dir", "--q-grad-scale", "--schedule"):
         assert flag in out
     assert "M_q: the denoiser is regressed onto" in out
+    # Both ways to call it, units named, and no stray markup.
+    assert "qsm-train --resume RUN_DIR [--steps N] [--device D]" in out and "``" not in out
+    assert "Policy steps (actions) in the whole run" in out
+
+
+def test_threads_default_to_the_cpus_this_process_may_use():
+    """threads=0 follows the affinity mask, so runs pinned side by side do not oversubscribe."""
+    import os
+
+    from qsm_robot.config import available_cpus, resolve_threads
+
+    assert available_cpus() == len(os.sched_getaffinity(0))
+    assert resolve_threads(0) == available_cpus()
+    assert resolve_threads(3) == 3
+    mask = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(mask)})
+        assert resolve_threads(0) == 1
+    finally:
+        os.sched_setaffinity(0, mask)

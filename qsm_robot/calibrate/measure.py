@@ -8,8 +8,9 @@
 2. Envelope: closed-loop episodes against a robot node (``qsm-sim`` started here, or a robot
    already connected to the profile's endpoints) with the rate limiter and the envelope off, the
    bounds on. Observation ranges: observed min/max widened by ``obs_margin`` of the span on each
-   side. Command change limit: the ``delta_quantile`` percentile of per-tick changes between
-   consecutive policy commands times ``delta_margin``, between 0.1% and 100% of the actuator range.
+   side. Command change limit, per actuator: the ``delta_quantile`` percentile of per-tick changes
+   between consecutive policy commands (and from the safe command to the first policy command, the
+   change arming makes) times ``delta_margin``, between 0.1% and 100% of the actuator range.
 3. The record, bound to the model's SHA-256 and the profile's calibration basis.
 
 No torch and no mujoco in this process: the simulated robot is a separate process.
@@ -152,6 +153,18 @@ def derive_envelope(obs: np.ndarray, commands: np.ndarray, consecutive: np.ndarr
     return (lo - pad).tolist(), (hi + pad).tolist(), max_delta.tolist(), section
 
 
+def command_sequence(policy_rows: np.ndarray, safe_command) -> tuple[np.ndarray, np.ndarray]:
+    """(commands, consecutive) for :func:`derive_envelope` from flight rows the policy answered.
+
+    In service the node moves from its safe command to the policy's first command when it is
+    armed: that change counts as one of the observed ones (the safe command leads the sequence).
+    consecutive[i]: commands[i + 1] answered the state right after the one commands[i] answered.
+    """
+    commands = np.vstack([np.asarray(safe_command, np.float32)[None], policy_rows["command"]])
+    consecutive = np.concatenate([[len(policy_rows) > 0], np.diff(policy_rows["state_seq"].astype(np.int64)) == 1])
+    return commands, consecutive
+
+
 def run_closed_loop(model: Path, profile: Profile, opts: CalibrateOptions, log) -> tuple[np.ndarray, dict]:
     """Serve the policy (rate limiter and envelope off) to a robot node; return the flight rows and its report."""
     from qsm_robot.serve.node import ServeNode
@@ -210,8 +223,8 @@ def calibrate(model: str | Path, profile_path: str | Path, opts: CalibrateOption
     running = rows[rows["node_state"] == 2]  # NodeState.RUNNING
     usable = running[(running["flags"] & UNUSABLE_BITS) == 0]
     policy = running[(running["flags"] & (FALLBACK_BIT | UNUSABLE_BITS)) == 0]
-    consecutive = np.diff(policy["state_seq"].astype(np.int64)) == 1
-    obs_low, obs_high, max_delta, envelope = derive_envelope(usable["obs"], policy["command"], consecutive,
+    commands, consecutive = command_sequence(policy, profile.safe_command)
+    obs_low, obs_high, max_delta, envelope = derive_envelope(usable["obs"], commands, consecutive,
                                                              profile.action_low, profile.action_high, opts)
     envelope |= {"episodes": opts.episodes, "seed": opts.seed, "robot": opts.robot,
                  "returns": [round(r, 2) for r in report.get("episodes", [])],
@@ -223,7 +236,7 @@ def calibrate(model: str | Path, profile_path: str | Path, opts: CalibrateOption
         host={"hostname": socket.gethostname(), "platform": platform.platform(), "machine": platform.machine(),
               "processor": platform.processor(), "python": platform.python_version(),
               "onnxruntime": onnxruntime.__version__},
-        model={"path": str(model), "sha256": file_sha256(model), "task": contract.task, "sampler": contract.sampler,
+        model={"path": str(model), "sha256": file_sha256(model), "task": contract.io.task, "sampler": contract.sampler,
                "sampler_steps": contract.sampler_steps},
         profile={"name": profile.name, "sha256": profile.fingerprint(), "basis": profile.calibration_basis()},
         latency=latency_section, envelope=envelope,

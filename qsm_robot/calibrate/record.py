@@ -20,12 +20,12 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qsm_robot.files import atomic_write_text
 from qsm_robot.serve.profile import read_json
 
 SCHEMA_VERSION = 1
@@ -134,12 +134,7 @@ class CalibrationRecord:
     def save(self, path: str | Path) -> Path:
         """Write atomically (temporary file, then rename): a reader never sees half a record."""
         self.validate()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @property
     def short_id(self) -> str:

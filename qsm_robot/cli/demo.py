@@ -1,15 +1,18 @@
-"""``qsm-demo``: the whole stack on a default task: train -> export -> serve against the robot node.
+"""``qsm-demo``: the whole stack on one task: train -> export -> profile -> calibrate -> serve.
 
-    qsm-demo                       # cartpole-swingup, fast preset, 30k steps (about 8 min on 2 CPU cores)
-    qsm-demo --steps 5000 --preset smoke --robot-episodes 1   # a 1-minute look
+    qsm-demo                                   # cartpole-swingup, fast preset, 30k steps (about 8 min on 2 CPU cores)
+    qsm-demo --task walker-stand --preset smoke --steps 3000 --robot-episodes 1   # any dm_control task, a quick look
 
 1. qsm-train trains a QSM policy (progress bar, eval lines);
-2. qsm-export distils it into a 1-step student, writes verified ONNX beside the run;
-3. qsm-serve calibrate measures the policy's latency on this host and the closed-loop envelope,
+2. qsm-export distils it into a 1-step student and writes verified ONNX beside the run;
+3. qsm-serve profile writes a starting deployment profile from the model's I/O description;
+4. qsm-serve calibrate measures the policy's latency on this host and the closed-loop envelope,
    and writes the calibration record the serving node requires;
-4. qsm-serve (the ONNX policy, numpy/pyzmq/onnxruntime only) and qsm-sim (the simulated robot)
-   start as separate processes; the robot runs episodes in real time through the control loop;
-5. a summary compares the closed-loop return with the offline evaluation of the same ONNX file.
+5. qsm-serve (the ONNX policy, numpy/pyzmq/onnxruntime only) and qsm-sim (the simulated robot)
+   start as separate processes; the robot runs episodes in real time through the control loop
+   and records a video of them when MuJoCo can render offscreen;
+6. a summary (also summary.json) compares the closed-loop returns with an offline rollout of the
+   same ONNX file on the same seeds and noise.
 """
 
 from __future__ import annotations
@@ -25,73 +28,149 @@ from pathlib import Path
 
 import numpy as np
 
+USER_MUJOCO_GL = os.environ.get("MUJOCO_GL")
+"""The user's rendering backend, read before qsm_robot.envs sets its headless default."""
+SCENARIO_SEED = 3
+"""Env seed of the robot's episodes (the offline rollout uses the same)."""
+VIDEO_FPS = 20
+"""Frames per second of the demo's video: software rendering costs ~20 ms of CPU a frame."""
+NOISE_SEED = 0
+"""Seed of the node's noise stream (qsm-serve run --seed; the offline rollout uses the same)."""
+
+
+def export_args(preset: str) -> list[str]:
+    """qsm-export options that scale the export's verification with the training budget.
+
+    The smoke preset trains for seconds and learns nothing worth keeping: its export distils a
+    small student briefly, verifies on 2 episodes and reports return retention without gating it
+    (there is no learnt return to retain). Every other preset gets the full export.
+    """
+    if preset != "smoke":
+        return []
+    return ["--distill-iterations", "500", "--student-hidden", "64", "--state-episodes", "2",
+            "--eval-episodes", "2", "--min-retention", "0", "--latency-calls", "500"]
+
+
+def offline_returns(session, contract, episodes: int, episode_steps: int) -> list[float]:
+    """The same ONNX file, env seed and noise stream as the served episodes, no network in between."""
+    from qsm_robot.envs import make_env
+
+    noise_shape = tuple(contract.noise_shape[1:])
+    rng, returns = np.random.default_rng(NOISE_SEED), []
+    env = make_env(contract.io.task, seed=SCENARIO_SEED, action_repeat=contract.io.action_repeat, rescale_actions=False)
+    for _ in range(episodes):
+        obs, total = env.reset()[0], 0.0
+        for _ in range(episode_steps):
+            noise = rng.standard_normal((1, *noise_shape), dtype=np.float32)
+            obs, r, term, trunc, _ = env.step(session.run(None, {"obs": obs[None], "noise": noise})[0][0])
+            total += r
+            if term or trunc:
+                break
+        returns.append(total)
+    return returns
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qsm-demo", description=__doc__.splitlines()[0].split(": ", 1)[1])
-    p.add_argument("--task", default="cartpole-swingup")
+    p.add_argument("--task", default="cartpole-swingup", help="any dm_control task qsm-train accepts (domain-task)")
     p.add_argument("--preset", default="fast")
-    p.add_argument("--steps", type=int, default=30_000)
+    p.add_argument("--steps", type=int, default=30_000, help="training budget in policy steps")
     p.add_argument("--learning-starts", type=int, default=5_000)
+    p.add_argument("--action-repeat", type=int, help="task control steps per policy action (default: the preset's)")
     p.add_argument("--robot-episodes", type=int, default=2)
-    p.add_argument("--out", type=Path, help="demo folder (default runs/demo-<time>)")
+    p.add_argument("--episode-steps", type=int, help="policy steps per closed-loop episode (default: the task's episode)")
+    p.add_argument("--calibration-calls", type=int, default=500, help="policy calls timed by the calibration")
+    p.add_argument("--budget-margin", type=float, default=2.0, help="calibration: latency budget = p99.9 x this")
+    p.add_argument("--delta-margin", type=float, default=1.2,
+                   help="calibration: per-actuator command-change limit = p99.9 of the observed changes x this")
+    p.add_argument("--max-budget-fraction", type=float, default=0.5,
+                   help="calibration: refuse a budget above this part of the period (raise it on a loaded machine)")
+    p.add_argument("--no-video", action="store_true", help="do not record the served episodes")
+    p.add_argument("--out", type=Path, help="demo folder (default runs/demo-<task>-<time>)")
     a = p.parse_args(argv)
-    out = a.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = a.out or Path("runs") / f"demo-{a.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists():
         print(f"qsm-demo: error: {out} exists; choose another --out", file=sys.stderr)
         return 2
+    from qsm_robot.config import ConfigError, preset_config
+
+    try:
+        repeat = {} if a.action_repeat is None else {"action_repeat": a.action_repeat}
+        cfg = preset_config(a.preset, task=a.task, steps=a.steps, **repeat).validate()
+    except ConfigError as exc:
+        print(f"qsm-demo: error: {exc}", file=sys.stderr)
+        return 2
+    from qsm_robot.envs import env_info, make_env
+
+    # Evaluation scales with the budget: at most 6 evaluations, never more often than once per
+    # episode's worth of training, on 5 episodes from 20k steps on (else 2).
+    episode = env_info(make_env(a.task, action_repeat=cfg.action_repeat)).episode_steps
+    eval_every = max(1, a.steps // 6, min(episode, a.steps))
+    eval_episodes = 5 if a.steps >= 20_000 else 2
     out.mkdir(parents=True)
 
     from qsm_robot.cli.export import main as export_main
+    from qsm_robot.cli.serve import main as serve_main
     from qsm_robot.cli.train import main as train_main
 
-    print(f"\n== 1/4 qsm-train: {a.task}, preset {a.preset}, {a.steps} steps ==", flush=True)
+    print(f"\n== 1/5 qsm-train: {a.task}, preset {a.preset}, {a.steps} steps ==", flush=True)
     rc = train_main(["--task", a.task, "--preset", a.preset, "--steps", str(a.steps), "--learning-starts",
-                     str(min(a.learning_starts, a.steps // 2)), "--eval-every", str(max(1, a.steps // 6)),
-                     "--eval-episodes", "5", "--run-dir", str(out / "train")])
+                     str(min(a.learning_starts, a.steps // 2)), "--eval-every", str(eval_every),
+                     "--eval-episodes", str(eval_episodes), "--action-repeat", str(cfg.action_repeat),
+                     "--run-dir", str(out / "train")])
     if rc != 0:
         return rc
-    print("\n== 2/4 qsm-export: 1-step student -> ONNX ==", flush=True)
+    print("\n== 2/5 qsm-export: 1-step student -> ONNX ==", flush=True)
     model = out / "policy.onnx"
-    rc = export_main([str(out / "train"), "--out", str(model)])
+    rc = export_main([str(out / "train"), "--out", str(model), *export_args(a.preset)])
     if rc != 0:
         print("qsm-demo: the export did not pass its gates; the report above says which (a longer --steps helps)",
               file=sys.stderr)
         return rc
 
-    from qsm_robot.envs import make_env
-    from qsm_robot.export.runtime import make_session, read_contract
-
-    session = make_session(model)
-    c = read_contract(session)
-    episode_steps = -(-1000 // c.action_repeat)  # a dm_control episode, in policy steps
-    profile = {
-        "name": "demo", "task": c.task, "obs_dim": c.obs_dim, "act_dim": c.act_dim, "action_low": c.action_low,
-        "action_high": c.action_high, "safe_command": [(lo + hi) / 2 for lo, hi in zip(c.action_low, c.action_high)],
-        "rate_hz": 1.0 / c.control_period_s, "latency_budget_ms": 0.5e3 * c.control_period_s, "max_delta_per_tick": None,
-        "endpoints": {k: f"ipc://{out.resolve()}/{k}.sock" for k in ("state", "command", "control")},
-        "robot": {"watchdog_periods": 5, "episode_steps": episode_steps},
-    }
-    (out / "profile.json").write_text(json.dumps(profile, indent=2))
-    (out / "scenario.json").write_text(json.dumps({"name": "demo", "seed": 3, "episodes": a.robot_episodes}))
-    print("\n== 3/4 qsm-serve calibrate: latency on this host, envelope from 1 closed-loop episode ==", flush=True)
-    from qsm_robot.cli.serve import main as serve_main
-
-    calibration = out / "calib" / "demo.json"
-    rc = serve_main(["calibrate", "--model", str(model), "--profile", str(out / "profile.json"), "--name", "demo",
-                     "--out", str(calibration), "--latency-calls", "500", "--episodes", "1"])
+    print("\n== 3/5 qsm-serve profile: a starting deployment profile from the model ==", flush=True)
+    profile_path = out / "profile.json"
+    rc = serve_main(["profile", "--model", str(model), "--name", "demo", "--out", str(profile_path),
+                     "--ipc", str(out.resolve())])
     if rc != 0:
         return rc
-    print(f"\n== 4/4 qsm-serve + qsm-sim: {a.robot_episodes} episode(s) of {episode_steps} steps in real time "
-          f"at {profile['rate_hz']:g} Hz ==", flush=True)
+    from qsm_robot.export.runtime import make_session, read_contract
+    from qsm_robot.files import atomic_write_text
+
+    session = make_session(model)
+    contract = read_contract(session)
+    io = contract.io
+    episode_steps = a.episode_steps or io.episode_steps
+    (out / "scenario.json").write_text(json.dumps({"name": "demo", "seed": SCENARIO_SEED, "episodes": a.robot_episodes,
+                                                   "episode_steps": episode_steps}))
+
+    print("\n== 4/5 qsm-serve calibrate: latency on this host, envelope from 1 closed-loop episode ==", flush=True)
+    calibration = out / "calib" / "demo.json"
+    rc = serve_main(["calibrate", "--model", str(model), "--profile", str(profile_path), "--name", "demo",
+                     "--out", str(calibration), "--latency-calls", str(a.calibration_calls), "--episodes", "1",
+                     "--budget-margin", str(a.budget_margin), "--max-budget-fraction", str(a.max_budget_fraction),
+                     "--delta-margin", str(a.delta_margin),
+                     "--episode-steps", str(episode_steps)])
+    if rc != 0:
+        return rc
+
+    print(f"\n== 5/5 qsm-serve + qsm-sim: {a.robot_episodes} episode(s) of {episode_steps} steps in real time "
+          f"at {io.rate_hz:g} Hz ==", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    video = None if a.no_video else out / "robot.mp4"
+    # MuJoCo's EGL backend renders offscreen with a GPU or Mesa's software EGL; a user's own
+    # MUJOCO_GL wins. Without a working backend qsm-sim says so in one line and runs on.
+    sim_env = env if USER_MUJOCO_GL is not None else dict(env, MUJOCO_GL="egl")
     serve = subprocess.Popen([sys.executable, "-m", "qsm_robot.cli.serve", "run", "--model", str(model), "--profile",
-                              str(out / "profile.json"), "--calibration", str(calibration), "--arm",
+                              str(profile_path), "--calibration", str(calibration), "--arm", "--seed", str(NOISE_SEED),
                               "--record-dir", str(out / "serve")],
                              env=env, stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(2.0)  # model load and warm-up
-        sim = subprocess.run([sys.executable, "-m", "qsm_robot.robot.node", "--profile", str(out / "profile.json"),
-                              "--scenario", str(out / "scenario.json"), "--results", str(out / "robot.json")], env=env)
+        sim_cmd = [sys.executable, "-m", "qsm_robot.robot.node", "--profile", str(profile_path),
+                   "--scenario", str(out / "scenario.json"), "--results", str(out / "robot.json")]
+        sim = subprocess.run(sim_cmd + (["--video", str(video), "--video-fps", str(VIDEO_FPS)] if video else []),
+                             env=sim_env)
     finally:
         serve.send_signal(signal.SIGTERM)
         serve_out, _ = serve.communicate(timeout=60)
@@ -99,30 +178,40 @@ def main(argv: list[str] | None = None) -> int:
     if sim.returncode != 0:
         return sim.returncode
     robot = json.loads((out / "robot.json").read_text())
-
-    # Offline: the same ONNX file, the same env seed and noise stream, no network in between.
-    rng, offline = np.random.default_rng(0), []
-    envs = make_env(c.task, seed=3, action_repeat=c.action_repeat, rescale_actions=False)
-    for _ in range(a.robot_episodes):
-        obs, total = envs.reset()[0], 0.0
-        for _ in range(episode_steps):
-            noise = rng.standard_normal((1, *c.noise_shape[1:]), dtype=np.float32)
-            obs, r, term, trunc, _ = envs.step(session.run(None, {"obs": obs[None], "noise": noise})[0][0])
-            total += r
-            if term or trunc:
-                break
-        offline.append(total)
+    offline = [float(r) for r in offline_returns(session, contract, a.robot_episodes, episode_steps)]
+    (serve_summary,) = (out / "serve").glob("summary-*.json")
+    node = json.loads(serve_summary.read_text())
+    # As offline: every command the robot applied was the policy's on-time answer to the state it had
+    # just sent, unchanged by the safety chain (no fallback, no clamp by the bounds or the rate limit).
+    on_time = robot["commands_late"] == 0 and robot["commands_one_tick_late"] == 0 and node["fallbacks"] == 0
+    clamped = node["bounds_clamped"] + node["rate_clamped"]
+    record = json.loads(calibration.read_text())
+    summary = {
+        "task": io.task, "obs_dim": io.obs_dim, "act_dim": io.act_dim, "rate_hz": io.rate_hz,
+        "closed_loop_returns": robot["episodes"], "offline_returns": offline, "every_command_on_time": on_time,
+        "commands_clamped": clamped, "as_offline": on_time and clamped == 0,
+        "robot_latency_us": robot["latency_us"], "achieved_rate_hz": robot["achieved_rate_hz"],
+        "commands_late": robot["commands_late"], "watchdog_trips": robot["watchdog_trips"],
+        "node_fallbacks": node["fallbacks"], "node_latency_us": node["node_latency_us"],
+        "calibration": {"latency_budget_ms": record["safety"]["latency_budget_ms"],
+                        "max_delta_per_tick": record["safety"]["max_delta_per_tick"]},
+        "video": str(video) if video and video.is_file() else None,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     lat = robot["latency_us"]
     rows = [
-        ("policy", f"{out / 'train'} -> {model}"),
+        ("policy", f"{out / 'train'} -> {model} ({io.task}: {io.obs_dim} observations, {io.act_dim} actuators)"),
         ("closed-loop returns", [round(r, 1) for r in robot["episodes"]]),
-        ("offline returns (same ONNX, seeds, noise)", [round(r, 1) for r in offline]),
+        ("offline returns (same ONNX, seeds, noise)", [round(float(r), 1) for r in offline]),
         ("robot: rate", f"{robot['achieved_rate_hz']:.1f} Hz"),
         ("robot: state -> command latency", f"p50 {lat['p50']:.0f} us, p99 {lat['p99']:.0f} us, max {lat['max']:.0f} us"),
         ("robot: late commands / watchdog trips", f"{robot['commands_late']} / {robot['watchdog_trips']}"),
+        ("node: fallbacks / bounds clamps / rate clamps",
+         f"{node['fallbacks']} / {node['bounds_clamped']} / {node['rate_clamped']}"),
         ("calibration record", calibration),
         ("learning curve", out / "train" / "learning_curve.png"),
         ("export report", model.with_suffix(".report.json")),
+        ("video", summary["video"] or "none (see the qsm-sim line above)"),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(["== qsm-demo summary =="] + [f"{k:<{width}}  {v}" for k, v in rows]))

@@ -4,6 +4,11 @@
     qsm-export runs/my-run --out deploy/models/cartpole-k2.onnx --student-steps 2
     qsm-export runs/my-run/checkpoints/step_000050000 --out teacher.onnx --teacher
 
+The model's metadata carries the checkpoint's I/O description unchanged (``qsm_robot.io``, contract
+version 2); qsm-serve refuses a model of contract version 1: re-export it with this command. A
+checkpoint whose policy.json is format version 1 is read by rebuilding that description from its
+task and checking it against the facts the file stored (qsm_robot/qsm/policy.py).
+
 Exit codes: 0 written and verified, 1 a gate failed (nothing written), 2 bad input.
 """
 
@@ -44,7 +49,7 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     p.add_argument("--parity-tol", type=float, default=d.parity_tol, help="gate: max |onnxruntime - torch|")
     p.add_argument("--latency-calls", type=int, default=d.latency_calls, help="batch-1 calls timed")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads for distillation (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads for distillation (0: the CPUs this process may run on)")
     a = p.parse_args(argv)
     for name in ("distill_iterations", "distill_batch", "student_hidden", "student_layers", "state_episodes",
                  "eval_episodes", "parity_samples", "latency_calls"):
@@ -100,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
+    from qsm_robot.config import resolve_threads
     from qsm_robot.export.exporter import ExportError, export_policy
 
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(resolve_threads(threads))
     try:
         report = export_policy(source, opts, log=lambda m: print(m, file=sys.stderr))
     except ExportError as exc:

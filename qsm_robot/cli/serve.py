@@ -1,5 +1,6 @@
 """``qsm-serve``: the real-time control node, and operator commands for it.
 
+    qsm-serve profile --model M.onnx --name NAME [--out deploy/profiles/NAME.json]
     qsm-serve calibrate --model M.onnx --profile deploy/profiles/cartpole-sim.json --name NAME
     qsm-serve run --model M.onnx --profile deploy/profiles/cartpole-sim.json --calibration calib/NAME.json [--arm]
     qsm-serve arm|disarm|estop|status --profile deploy/profiles/cartpole-sim.json [--key operator.key_secret]
@@ -59,6 +60,7 @@ def load_calibrated_profile(model: str, profile_path: str, calibration: str | No
 def run(args) -> int:
     from qsm_robot.calibrate.record import CalibrationError
     from qsm_robot.export.contract import ContractError
+    from qsm_robot.files import atomic_write_text
     from qsm_robot.serve.node import ServeNode, install_signal_handlers
     from qsm_robot.serve.profile import ProfileError
     from qsm_robot.serve.telemetry import plot_histogram
@@ -77,7 +79,7 @@ def run(args) -> int:
     install_signal_handlers(node)
     c = node.runner.contract
     source = f"calibration {record.name!r} (id {record.short_id})" if record else "the profile (no calibration record)"
-    print(f"{PROG}: {args.model} ({c.sampler}, {c.sampler_steps} step(s), task {c.task}) under profile "
+    print(f"{PROG}: {args.model} ({c.sampler}, {c.sampler_steps} step(s), task {c.io.task}) under profile "
           f"{profile.name!r}: {profile.rate_hz:g} Hz; state {profile.endpoints.state}, command "
           f"{profile.endpoints.command}, control {profile.endpoints.control}"
           f"{'; CURVE on, ' + str(len(node.curve.allow.keys)) + ' allowed key(s)' if node.curve else ''}\n"
@@ -118,7 +120,7 @@ def run(args) -> int:
         "safe_stop_reasons": node.counters.reasons[:20], "internal_errors": node.counters.errors,
         "injected_stalls": node.runner.spikes, "final_state": node.state.name, "flight_record": str(npz),
     }
-    (out / f"summary-{stamp}.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / f"summary-{stamp}.json", json.dumps(summary, indent=2))
     rows = [
         ("wall time", f"{wall:.1f} s"), ("states answered", node.counters.ticks),
         ("mean rate", f"{summary['mean_rate_hz']:.1f} Hz while states came (profile {profile.rate_hz:g} Hz)"),
@@ -195,6 +197,40 @@ def calibrate(args) -> int:
     return 0
 
 
+def profile(args) -> int:
+    from qsm_robot.export.contract import ContractError
+    from qsm_robot.export.runtime import make_session, read_contract
+    from qsm_robot.files import atomic_write_text
+    from qsm_robot.serve.new_profile import dumps, starting_profile
+    from qsm_robot.serve.profile import Profile, ProfileError
+
+    out = Path(args.out or f"deploy/profiles/{args.name}.json")
+    if out.exists() and not args.overwrite:
+        return _fail(f"{out} exists: edit it, or pass --overwrite to replace it")
+    if not Path(args.model).is_file():
+        return _fail(f"model {args.model} does not exist (write one with qsm-export)")
+    try:
+        io = read_contract(make_session(args.model)).io
+    except ContractError as exc:
+        return _fail(str(exc))
+    except Exception as exc:  # onnxruntime's load errors
+        return _fail(f"cannot load {args.model}: {type(exc).__name__}: {exc}")
+    data, notes = starting_profile(io, args.name)
+    if args.ipc:
+        folder = Path(args.ipc).resolve()
+        data["endpoints"] = {k: f"ipc://{folder}/{k}.sock" for k in ("state", "command", "control")}
+    try:
+        Profile.from_dict(json.loads(json.dumps(data)))  # what is written loads
+    except ProfileError as exc:
+        return _fail(f"internal: the starting profile does not validate: {exc}")
+    atomic_write_text(out, dumps(data))
+    print(f"{PROG}: wrote {out} for {io.task} ({io.obs_dim} observations, {io.act_dim} actuators "
+          f"{', '.join(io.action_names)})")
+    for note in notes:
+        print(f"  {note}")
+    return 0
+
+
 def keygen(args) -> int:
     from qsm_robot.serve.auth import AuthError, generate_keypair
 
@@ -242,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         c.add_argument("--key", help="your CURVE key pair (.key_secret) when the node uses CURVE")
         c.add_argument("--server-key", help="the node's public key (.key); default: the profile's curve.server_public_key")
         c.set_defaults(func=control)
+    pr = sub.add_parser("profile", help="write a starting deployment profile from a model's I/O description")
+    pr.add_argument("--model", required=True, help="ONNX policy written by qsm-export")
+    pr.add_argument("--name", required=True, help="profile name")
+    pr.add_argument("--out", type=Path, help="where to write it (default deploy/profiles/NAME.json)")
+    pr.add_argument("--ipc", metavar="DIR", help="endpoints as ipc:// sockets in DIR instead of loopback TCP ports")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    pr.set_defaults(func=profile)
     cal = sub.add_parser("calibrate", help="measure latency and envelope on this host; write calib/NAME.json")
     cal.add_argument("--model", required=True, help="ONNX policy written by qsm-export")
     cal.add_argument("--profile", required=True, help="deployment profile JSON")

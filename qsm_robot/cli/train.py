@@ -40,9 +40,13 @@ def _parse_new(argv: list[str]) -> TrainConfig:
     if known.preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {known.preset!r}; valid: {', '.join(PRESETS)}")
     description = (
-        f"{__doc__.splitlines()[0].strip('`')}\n\nPresets: "
-        + ", ".join(PRESETS)
-        + ". The defaults shown are those of the chosen --preset."
+        "qsm-train: train a diffusion policy with Q-score matching on a dm_control task.\n\n"
+        "Start a run: qsm-train [--preset P] [--FIELD VALUE ...] (every field below).\n\n"
+        "Continue a run: qsm-train --resume RUN_DIR [--steps N] [--device D] (from its latest "
+        "checkpoint; only --steps and --device may change).\n\n"
+        f"Presets: {', '.join(PRESETS)}. The defaults shown are those of the chosen --preset. "
+        "--steps and the other step counts are policy steps (actions); the task runs "
+        "steps x action_repeat frames (its own control steps), the unit of the learning curve."
     )
     return tyro.cli(TrainConfig, default=preset_config(known.preset), args=argv, prog=PROG, description=description)
 
@@ -102,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
     fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
     rows = [
-        ("task", cfg.task), ("preset", cfg.preset), ("seed", cfg.seed), ("env steps", result.step),
+        ("task", cfg.task), ("preset", cfg.preset), ("seed", cfg.seed), ("policy steps", result.step),
+        ("frames", result.step * cfg.action_repeat),
         ("wall time", f"{result.wall_s:.0f} s"), ("updates/s", f"{result.updates_per_s:.1f}"),
         ("final eval return", fmt(result.final_eval)), ("best eval return", fmt(result.best_eval)),
         ("run directory", run_dir), ("learning curve", run_dir / "learning_curve.png"),

@@ -1,7 +1,6 @@
 """dm_control suite tasks as gymnasium environments."""
 
 from qsm_robot.envs.dmc import (
-    EnvInfo,
     UnknownTaskError,
     env_info,
     get_env_state,
@@ -11,7 +10,6 @@ from qsm_robot.envs.dmc import (
 )
 
 __all__ = [
-    "EnvInfo",
     "UnknownTaskError",
     "env_info",
     "get_env_state",

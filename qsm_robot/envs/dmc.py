@@ -2,22 +2,27 @@
 
 ``make_env("cartpole-swingup", seed=0)`` gives a gymnasium env with
 
-* float32 flat observations: the dm_control observation dict flattened in the order of the
-  task's observation spec (``EnvInfo.obs_layout`` lists each key, its offset and size);
-* actions in [-1, 1], rescaled linearly to the actuator bounds, which are kept in
-  ``env.metadata["qsm_robot"]`` (see :class:`EnvInfo`) for export;
+* float32 flat observations: the dm_control observation dict flattened in the order of
+  gymnasium's observation space (which sorts the keys: walker's ``height`` comes before
+  ``orientations``, unlike dm_control's spec); ``PolicyIO.obs`` lists each key and its size in
+  that order;
+* actions in [-1, 1], rescaled linearly to the actuator bounds;
 * ``terminated`` only at a true terminal state (dm_control discount 0), ``truncated`` at the
   time limit;
 * an optional ``action_repeat``: the action is applied that many physics control steps and the
   rewards are summed.
+
+``env_info(env)`` is the env's :class:`~qsm_robot.policy_io.PolicyIO`: task, observation layout,
+actuator names and bounds, control period, action repeat, episode length. It is built here, once,
+and every later stage (checkpoint, ONNX contract, deployment profile) carries it.
 
 The adapter is shimmy's ``DmControlCompatibilityV0``; the few wrappers here are gymnasium's own.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass
 from typing import Any
 
 # No rendering is needed for training; without this, dm_control probes GLFW and warns on a
@@ -30,6 +35,23 @@ import numpy as np  # noqa: E402
 from dm_control import suite  # noqa: E402
 from gymnasium.wrappers import FlattenObservation, RescaleAction  # noqa: E402
 from shimmy.dm_control_compatibility import DmControlCompatibilityV0  # noqa: E402
+
+from qsm_robot.policy_io import PolicyIO  # noqa: E402
+
+
+DEFAULT_EPISODE_CONTROL_STEPS = 1000
+"""Time limit, in control steps, of a task that has none of its own (the lqr domain)."""
+
+
+def _without_rendering(physics) -> None:
+    """Let a headless physics report "no rendering context" instead of trying to make one.
+
+    Some tasks (quadruped-escape, quadruped-fetch) re-upload their random terrain to the renderer
+    at every reset when ``physics.contexts`` is set, and reading that property creates the
+    contexts, which raises with MUJOCO_GL=disable. Headless, there is nothing to upload to.
+    """
+    cls = physics.__class__
+    physics.__class__ = type(f"Headless{cls.__name__}", (cls,), {"contexts": property(lambda self: self._contexts)})
 
 
 class UnknownTaskError(ValueError):
@@ -49,29 +71,6 @@ def _split_task(name: str) -> tuple[str, str]:
         )
     domain, task = name.split("-", 1)
     return domain, task
-
-
-@dataclass(frozen=True)
-class EnvInfo:
-    """What a policy needs to know about a task, independent of the training code."""
-
-    task: str
-    obs_dim: int
-    act_dim: int
-    obs_layout: list[tuple[str, int, int]]
-    """(observation key, offset, size) in the flat observation vector, in order."""
-    action_low: list[float]
-    """True actuator lower bounds; action -1 maps here."""
-    action_high: list[float]
-    """True actuator upper bounds; action +1 maps here."""
-    control_period_s: float
-    """Seconds between two policy actions (physics control step times action_repeat)."""
-    action_repeat: int
-    max_episode_steps: int
-    """Policy steps in one episode before the time limit truncates it."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class ActionRepeat(gym.Wrapper):
@@ -108,6 +107,11 @@ class Float32Observation(gym.ObservationWrapper):
         return np.asarray(observation, dtype=np.float32)
 
 
+def actuator_names(model, count: int) -> tuple[str, ...]:
+    """dm_control's name of each actuator of ``model`` (a physics model), ``a<i>`` where it has none."""
+    return tuple(model.id2name(i, "actuator") or f"a{i}" for i in range(count))
+
+
 def make_env(task: str, seed: int | None = None, action_repeat: int = 1, rescale_actions: bool = True) -> gym.Env:
     """Build ``task`` (``domain-task``) as a gymnasium env; see the module docstring.
 
@@ -119,37 +123,39 @@ def make_env(task: str, seed: int | None = None, action_repeat: int = 1, rescale
         raise ValueError(f"action_repeat must be >= 1, got {action_repeat}")
     domain, name = _split_task(task)
     dm_env = suite.load(domain, name, task_kwargs={"random": seed})
+    if math.isinf(dm_env._step_limit):
+        # The lqr tasks have no time limit (they end only at the goal): give them the suite's usual
+        # 1000 control steps, so that every episode, evaluation and served run ends.
+        limit_s = DEFAULT_EPISODE_CONTROL_STEPS * dm_env.control_timestep()
+        dm_env = suite.load(domain, name, task_kwargs={"random": seed, "time_limit": limit_s})
+    if os.environ.get("MUJOCO_GL") == "disable":
+        _without_rendering(dm_env.physics)
     env: gym.Env = DmControlCompatibilityV0(dm_env)
     low, high = env.action_space.low.astype(np.float64), env.action_space.high.astype(np.float64)
-    layout, offset = [], 0
-    for key, space in env.observation_space.spaces.items():
-        size = int(np.prod(space.shape))
-        layout.append((key, offset, size))
-        offset += size
+    # FlattenObservation concatenates the parts in the Dict space's order: that is the layout.
+    obs = tuple((key, int(np.prod(space.shape))) for key, space in env.observation_space.spaces.items())
     env = FlattenObservation(env)
     env = Float32Observation(env)
     if rescale_actions:
         env = RescaleAction(env, min_action=-1.0, max_action=1.0)
     if action_repeat > 1:
         env = ActionRepeat(env, action_repeat)
-    step_limit = int(dm_env._step_limit)
-    info = EnvInfo(
+    io = PolicyIO(
         task=task,
-        obs_dim=offset,
-        act_dim=int(low.shape[0]),
-        obs_layout=layout,
-        action_low=low.tolist(),
-        action_high=high.tolist(),
+        obs=obs,
+        action_names=actuator_names(dm_env.physics.model, int(low.shape[0])),
+        action_low=tuple(low.tolist()),
+        action_high=tuple(high.tolist()),
         control_period_s=float(dm_env.control_timestep()) * action_repeat,
         action_repeat=action_repeat,
-        max_episode_steps=-(-step_limit // action_repeat),
-    )
-    env.metadata = {**env.metadata, "qsm_robot": info}
+        episode_steps=math.ceil(int(dm_env._step_limit) / action_repeat),
+    ).validate()
+    env.metadata = {**env.metadata, "qsm_robot": io}
     return env
 
 
-def env_info(env: gym.Env) -> EnvInfo:
-    """The :class:`EnvInfo` of an env made by :func:`make_env`."""
+def env_info(env: gym.Env) -> PolicyIO:
+    """The :class:`~qsm_robot.policy_io.PolicyIO` of an env made by :func:`make_env`."""
     return env.metadata["qsm_robot"]
 
 

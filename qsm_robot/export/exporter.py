@@ -19,6 +19,7 @@ import onnx
 import torch
 
 from qsm_robot.envs import make_env
+from qsm_robot.files import atomic_write, atomic_write_text
 from qsm_robot.export.contract import ModelContract
 from qsm_robot.export.runtime import latency_us, make_session
 from qsm_robot.export.student import ActuatorPolicy, TeacherSampler, distill
@@ -217,10 +218,8 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
     exported = ActuatorPolicy(sampler, spec.action_low, spec.action_high).eval()
 
     contract = ModelContract(
-        task=spec.task, obs_dim=spec.obs_dim, obs_layout=spec.obs_layout, act_dim=spec.act_dim,
-        action_low=spec.action_low, action_high=spec.action_high, control_period_s=spec.control_period_s,
-        action_repeat=spec.action_repeat, sampler=report.sampler, sampler_steps=report.sampler_steps,
-        teacher_steps=T, schedule=spec.schedule, noise_shape=["batch", T, spec.act_dim],
+        io=spec.io, sampler=report.sampler, sampler_steps=report.sampler_steps, teacher_steps=T,
+        schedule=spec.schedule, noise_shape=["batch", T, spec.act_dim],
         teacher_sha256=teacher_sha256(checkpoint), teacher_step=spec.step,
     )
     model = to_onnx(exported, spec.obs_dim, noise_shape, contract)
@@ -263,21 +262,17 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
         failed = [k for k, g in report.gates.items() if not g["passed"]]
         raise ExportError(f"gate(s) failed: {', '.join(failed)}; nothing written to {out} (see figures above, or --force)")
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    def save_and_load(tmp: Path) -> None:
         onnx.save(model, str(tmp))
         make_session(tmp)  # what was written loads
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(out, save_and_load)
     write_report(report, out, exported, teacher_actuator, states, noise_shape, rng)
     return report
 
 
 def write_report(report: ExportReport, out: Path, student, teacher, states: np.ndarray, noise_shape, rng) -> None:
     """NAME.report.json and NAME.actions.png beside the model."""
-    from qsm_robot.train.checkpoint import atomic_write_text
-
     atomic_write_text(out.with_suffix(".report.json"), json.dumps(asdict(report) | {"passed": report.passed}, indent=2))
     import matplotlib
 
@@ -303,5 +298,5 @@ def write_report(report: ExportReport, out: Path, student, teacher, states: np.n
     axes[0][0].legend(fontsize=7)
     fig.suptitle("action distributions at 4 states, 2000 noise draws each (actuator units)")
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".actions.png"))
+    atomic_write(out.with_suffix(".actions.png"), fig.savefig)
     plt.close(fig)

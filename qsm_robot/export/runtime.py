@@ -23,6 +23,8 @@ def make_session(model: str | Path | bytes, threads: int = 1) -> ort.InferenceSe
 
 
 def read_contract(session: ort.InferenceSession) -> ModelContract:
+    """The model's contract (its I/O description and sampler facts); ContractError if it has none
+    or one of another version."""
     return ModelContract.from_metadata(session.get_modelmeta().custom_metadata_map)
 
 

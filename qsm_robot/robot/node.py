@@ -1,32 +1,41 @@
 """qsm-sim: a MuJoCo robot node that stands in for hardware.
 
-Every period (absolute deadlines on the monotonic clock) it publishes the state, waits for the
-command that answers it (until 90% of the period), applies it and steps the physics: on time,
-this is exactly ``env.step(policy(obs))``. If that answer is late, it applies the newest unused
-command answering a recent state (counted as one tick late), else holds the last command; within
-``watchdog_periods`` periods of the last fresh command it applies its safe command and reports
-it, never replaying an old command for ever. Commands that are malformed, non-finite or out of
-bounds are rejected and counted.
+It is the reference robot client (:mod:`qsm_robot.robot.client`: the protocol, the command
+rules, the watchdog, the timing) driving a dm_control task's physics (:class:`SimRobot`), plus
+the scenario's fault injection (:class:`RobotNode`'s hooks). On time, each tick is exactly
+``env.step(policy(obs))``.
+
 Faults (scenario file): added latency and jitter before publishing, dropped states, NaN or
-garbage states, a pause.
+garbage states, a pause. ``--video FILE.mp4`` records the closed-loop episodes (MuJoCo offscreen
+rendering, which needs MUJOCO_GL=egl or osmesa).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import mujoco
 import numpy as np
-import zmq
 
 from qsm_robot.envs import env_info, make_env
-from qsm_robot.serve import protocol as P
-from qsm_robot.serve.auth import AuthError, secure_client
+from qsm_robot.robot.client import Robot, RobotClient, RobotReport, require_key
+from qsm_robot.robot.video import MAX_FPS, BackgroundRecorder, VideoError, VideoWriter, frame_stride
+from qsm_robot.serve.auth import AuthError
 from qsm_robot.serve.profile import Profile, ProfileError
+
+__all__ = ["Faults", "RobotNode", "RobotReport", "Scenario", "SimRobot", "main", "physics_steps_per_tick"]
+
+VIDEO_HEIGHT, VIDEO_WIDTH = 240, 320
+"""Size of the recorded frames (within dm_control's default 640x480 offscreen buffer)."""
+PERIOD_RTOL = 1e-9
+"""Relative tolerance when checking that the profile's period is a whole number of control steps."""
 
 
 @dataclass
@@ -44,12 +53,14 @@ class Faults:
     pause_at_s: float | None = None
     """Seconds after the start at which the robot stalls (no states, no physics)."""
     pause_s: float = 0.0
+    """How long that stall lasts."""
 
 
 @dataclass
 class Scenario:
     name: str
     seed: int = 0
+    """Seeds the task (initial states) and, plus one, the fault draws."""
     episodes: int = 1
     episode_steps: int | None = None
     """Override of the profile's robot.episode_steps."""
@@ -65,203 +76,207 @@ class Scenario:
             raise ProfileError(f"scenario {path}: {exc}") from None
 
 
-@dataclass
-class RobotReport:
-    episodes: list = field(default_factory=list)
-    """Return of each finished episode."""
-    steps: int = 0
-    states_sent: int = 0
-    commands_applied: int = 0
-    commands_late: int = 0
-    """Ticks without a fresh command by the cutoff (the last command was held, or the watchdog acted)."""
-    commands_one_tick_late: int = 0
-    """Ticks that applied a command answering an earlier state, because the current answer was late."""
-    commands_rejected: int = 0
-    watchdog_trips: int = 0
-    watchdog_ticks: int = 0
-    """Ticks on which the safe command was applied by the watchdog."""
-    watchdog_periods_to_safe: list = field(default_factory=list)
-    """For each trip: periods between the last fresh command and the safe command."""
-    watchdog_trip_t_ns: list = field(default_factory=list)
-    """For each trip: monotonic time at which the safe command was applied."""
-    watchdog_clear_t_ns: list = field(default_factory=list)
-    """For each recovery after a trip: monotonic time at which a fresh command was applied again."""
-    safe_commands_from_node: int = 0
-    latency_us: dict = field(default_factory=dict)
-    """state sent -> command received, at the robot: p50, p99, p99.9, max."""
-    achieved_rate_hz: float = 0.0
-    ticks_late: int = 0
-    """Ticks that started more than half a period after their deadline."""
+def physics_steps_per_tick(profile: Profile, control_step_s: float) -> int:
+    """Task control steps per tick: the profile's period over the task's control step.
+
+    A 50 Hz profile on a 100 Hz task holds each command for 2 steps, as action_repeat=2 did in
+    training. The period must be a whole number of control steps (1e-9 relative tolerance), else
+    ProfileError names both: never rounded. One exception: a profile with ``check_control_period:
+    false`` whose period is shorter than one control step (the 500 and 1000 Hz timing profiles)
+    steps once per tick: cartpole then runs one 10 ms control step per 1-2 ms tick, faster than
+    real time, which is all a timing benchmark needs.
+    """
+    ratio = profile.period_s / control_step_s
+    if ratio < 1 and not profile.check_control_period:
+        return 1
+    steps = max(1, round(ratio))
+    if abs(ratio - steps) > PERIOD_RTOL * ratio:
+        raise ProfileError(
+            f"profile {profile.name!r}: the control period {profile.period_s * 1e3:g} ms ({profile.rate_hz:g} Hz) is not "
+            f"a whole multiple of the task's control step {control_step_s * 1e3:g} ms ({profile.task}, ratio {ratio:.6g}); "
+            f"use {1 / control_step_s:g} Hz divided by a whole number (or, for a timing benchmark above "
+            f"{1 / control_step_s:g} Hz, set check_control_period false: the physics then runs faster than real time)")
+    return steps
 
 
-class RobotNode:
-    def __init__(self, profile: Profile, scenario: Scenario, log=None, key: str | None = None):
-        """key: this robot's CURVE key pair (.key_secret), needed when the profile has CURVE keys."""
-        if profile.curve is not None and key is None:
-            raise ProfileError(f"profile {profile.name!r} uses CURVE: give the robot's key pair (--key ROBOT.key_secret)")
-        self.profile, self.scenario = profile, scenario
-        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-        # Physics control steps per tick: the profile's period over the task's control step (a 50 Hz
-        # profile on a 100 Hz task holds each command for 2 steps, as action_repeat=2 did in training).
+def no_video_hint(reason: str) -> str:
+    """The one line printed when frames cannot be rendered."""
+    return (f"no video: MuJoCo cannot render here ({reason}); run with MUJOCO_GL=egl (GPU or Mesa EGL) or "
+            "MUJOCO_GL=osmesa (software: apt-get install libosmesa6) to record one")
+
+
+class SimRobot(Robot):
+    """A dm_control task as the robot: ``observe()`` is the task's observation, ``apply()`` steps
+    its physics for one tick. With a video, every ``stride``-th tick hands a snapshot of the
+    physics state to a :class:`BackgroundRecorder`, which renders it on its own thread (from a
+    copy of the physics), so the control loop never waits for the renderer."""
+
+    def __init__(self, profile: Profile, scenario: Scenario, video: Path | None = None,
+                 log: Callable[[str], None] = print, video_fps: float = MAX_FPS):
+        self.log = log
         base_period = env_info(make_env(profile.task)).control_period_s
-        self.action_repeat = max(1, round(profile.period_s / base_period))
+        self.action_repeat = physics_steps_per_tick(profile, base_period)
+        """Task control steps per tick."""
         self.env = make_env(profile.task, seed=scenario.seed, action_repeat=self.action_repeat, rescale_actions=False)
-        self.low, self.high = np.array(profile.action_low, np.float32), np.array(profile.action_high, np.float32)
-        self.safe = np.array(profile.safe_command, np.float32)
-        self.ctx = zmq.Context.instance()
-        self.state_sock = self.ctx.socket(zmq.PUB)
-        self.cmd_sock = self.ctx.socket(zmq.SUB)
-        if profile.curve is not None:
-            for sock in (self.state_sock, self.cmd_sock):
-                secure_client(sock, key, profile.curve.server_public_key)
-        self.state_sock.setsockopt(zmq.LINGER, 0)
-        self.state_sock.setsockopt(zmq.IMMEDIATE, 1)  # no node connected: drop states, never queue old ones for the next
-        self.state_sock.setsockopt(zmq.SNDHWM, 10)
-        self.state_sock.connect(profile.endpoints.state)
-        self.cmd_sock.setsockopt(zmq.LINGER, 0)
-        self.cmd_sock.setsockopt(zmq.CONFLATE, 1)
-        self.cmd_sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.cmd_sock.connect(profile.endpoints.command)
+        self.episode_steps = scenario.episode_steps or profile.robot.episode_steps
+        """Ticks per episode; None: the task's own time limit."""
+        self.obs = self.env.reset()[0]
+        self.ep_return, self.ep_steps, self.done = 0.0, 0, False
+        self.ticks = 0
+        """Ticks applied so far (all episodes)."""
+        self.stride = frame_stride(profile.rate_hz, video_fps)
+        """Ticks per video frame."""
+        self.recorder: BackgroundRecorder | None = None
+        if video is not None:
+            self._start_video(Path(video), profile.rate_hz / self.stride)
+
+    @property
+    def physics(self):
+        """The dm_control Physics behind the gymnasium env."""
+        return self.env.unwrapped._env.physics
+
+    def _snapshot(self) -> np.ndarray:
+        return self.physics.get_state(sig=mujoco.mjtState.mjSTATE_FULLPHYSICS)
+
+    def _start_video(self, path: Path, fps: float) -> None:
+        backend = os.environ.get("MUJOCO_GL", "")
+        if backend in ("", "disable"):  # qsm_robot.envs turns an unset MUJOCO_GL into 'disable'
+            self.log(no_video_hint("MUJOCO_GL is unset or 'disable'"))
+            return
+        writer = VideoWriter(path, fps)  # VideoError (e.g. no imageio-ffmpeg) stops qsm-sim before it runs
+        physics = self.physics.copy(share_model=True)  # the renderer's own: the loop keeps stepping its physics
+
+        def render(state: np.ndarray) -> np.ndarray:
+            physics.set_state(state, sig=mujoco.mjtState.mjSTATE_FULLPHYSICS)
+            physics.forward()
+            return physics.render(VIDEO_HEIGHT, VIDEO_WIDTH, camera_id=0)
+
+        def release() -> None:  # on the render thread, which made the GL context (EGL frees it only there)
+            with physics._contexts_lock:
+                if physics._contexts:
+                    physics._free_rendering_contexts()
+
+        recorder = BackgroundRecorder(writer, render, self.log, release=release)
+        try:
+            recorder.start(self._snapshot())
+        except VideoError as exc:
+            self.log(f"no video: {exc}")
+        except Exception as exc:  # the renderer: no GL backend, or a broken one
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            self.log(no_video_hint(f"MUJOCO_GL={backend}: {type(exc).__name__}: {text}"))
+        else:
+            self.recorder = recorder
+
+    def observe(self) -> np.ndarray:
+        return self.obs
+
+    def apply(self, command: np.ndarray) -> None:
+        self.obs, reward, terminated, truncated, _ = self.env.step(command)
+        self.ep_return += float(reward)
+        self.ep_steps += 1
+        self.done = terminated or truncated or (self.episode_steps is not None and self.ep_steps >= self.episode_steps)
+        self.ticks += 1
+        if self.recorder is not None and self.ticks % self.stride == 0:
+            self.recorder.offer(self.ticks // self.stride, self._snapshot())
+
+    def episode_done(self) -> bool:
+        return self.done
+
+    def reset(self) -> float:
+        ret = self.ep_return
+        self.obs, self.ep_return, self.ep_steps, self.done = self.env.reset()[0], 0.0, 0, False
+        return ret
+
+    def finish_video(self, complete: bool) -> None:
+        """Complete the video (rename it into place) or, when ``complete`` is False, discard it."""
+        recorder, self.recorder = self.recorder, None
+        if recorder is None:
+            return
+        try:
+            path = recorder.finish(complete)
+        except VideoError as exc:
+            self.log(str(exc))
+            return
+        if path is not None:
+            repeated = f", {recorder.repeated} repeated where the renderer fell behind" if recorder.repeated else ""
+            self.log(f"video: {path} ({recorder.writer.frames} frames at {recorder.writer.fps:g} fps{repeated})")
+
+    def close(self) -> None:
+        self.finish_video(complete=False)
+
+
+class RobotNode(RobotClient):
+    """qsm-sim: the robot client driving :class:`SimRobot`, with the scenario's faults injected
+    at the client's hook points (before each tick: the pause; when publishing: latency, jitter,
+    drops, NaN and garbage)."""
+
+    def __init__(self, profile: Profile, scenario: Scenario, log=None, key: str | None = None,
+                 video: str | Path | None = None, video_fps: float = MAX_FPS):
+        """key: this robot's CURVE key pair (.key_secret), needed when the profile has CURVE keys.
+        video: record the episodes to this .mp4 (needs MuJoCo rendering; without it, one line says so),
+        at most ``video_fps`` frames per second (software rendering costs ~20 ms of CPU a frame)."""
+        require_key(profile, key)  # before building the physics
+        log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        try:
+            self.sim = SimRobot(profile, scenario, None if video is None else Path(video),
+                                log=lambda m: log(f"qsm-sim: {m}"), video_fps=video_fps)
+        except VideoError as exc:
+            raise ProfileError(str(exc)) from None
+        try:
+            super().__init__(profile, self.sim, key=key, log=log, name="qsm-sim")
+        except BaseException:
+            self.sim.close()  # no partial video file, no GL context left behind
+            raise
+        self.scenario = scenario
         self.rng = np.random.default_rng(scenario.seed + 1)
-        self._stop = False
+        self._first_tick_ns: int | None = None
+        self._paused = False
 
-    def request_stop(self, *_) -> None:
-        self._stop = True
+    @property
+    def env(self):
+        return self.sim.env
 
-    def _valid_command(self, msg: P.Message) -> bool:
-        c = msg.payload
-        return c.shape == self.low.shape and bool(np.isfinite(c).all()) and bool(((c >= self.low) & (c <= self.high)).all())
+    @property
+    def action_repeat(self) -> int:
+        return self.sim.action_repeat
+
+    def before_tick(self) -> bool:
+        faults, now = self.scenario.faults, time.monotonic_ns()
+        if self._first_tick_ns is None:
+            self._first_tick_ns = now
+        if self._paused or faults.pause_at_s is None or now - self._first_tick_ns < faults.pause_at_s * 1e9:
+            return False
+        self.log(f"fault: pausing {faults.pause_s} s")
+        time.sleep(faults.pause_s)
+        self._paused = True
+        return True
+
+    def send_state(self, obs: np.ndarray, seq: int, flags: int) -> int | None:
+        faults = self.scenario.faults
+        if faults.latency_ms or faults.jitter_ms:
+            time.sleep(max(0.0, faults.latency_ms + self.rng.uniform(-1, 1) * faults.jitter_ms) / 1e3)
+        draw = self.rng.random(3)
+        if draw[0] < faults.drop_prob:
+            return None
+        if draw[1] < faults.garbage_prob:
+            self.state_sock.send(self.rng.bytes(int(self.rng.integers(0, 200))))
+            return None
+        return super().send_state(np.full_like(obs, np.nan) if draw[2] < faults.nan_prob else obs, seq, flags)
 
     def run(self, connect_wait_s: float = 0.5) -> RobotReport:
-        prof, faults = self.profile, self.scenario.faults
-        period = int(round(1e9 / prof.rate_hz))
-        spin_ns = int(prof.spin_us * 1e3)
-        episode_steps = self.scenario.episode_steps or prof.robot.episode_steps
-        report = RobotReport()
-        sent_at: dict[int, int] = {}
-        latencies: list[int] = []
-        time.sleep(connect_wait_s)  # let the PUB/SUB connections form before the first state
-        obs = self.env.reset()[0]
-        applied = self.safe.copy()
-        last_fresh_tick, tick, seq, ep_steps, ep_return, last_applied_ref = 0, 0, 0, 0, 0.0, 0
-        watchdog_on, flags = False, 2 | 1  # restart + episode start on the first state
-        start = deadline = time.monotonic_ns()
-        pause_at = None if faults.pause_at_s is None else start + int(faults.pause_at_s * 1e9)
-        poller = zmq.Poller()
-        poller.register(self.cmd_sock, zmq.POLLIN)
-        while not self._stop and len(report.episodes) < self.scenario.episodes:
-            now = time.monotonic_ns()
-            if now - deadline > period // 2:
-                report.ticks_late += 1
-            if pause_at is not None and now >= pause_at:
-                self.log(f"qsm-sim: fault: pausing {faults.pause_s} s")
-                time.sleep(faults.pause_s)
-                pause_at = None
-                deadline = time.monotonic_ns()
-            # 1. publish the state (with the scenario's faults)
-            if faults.latency_ms or faults.jitter_ms:
-                time.sleep(max(0.0, faults.latency_ms + self.rng.uniform(-1, 1) * faults.jitter_ms) / 1e3)
-            seq += 1
-            draw = self.rng.random(3)
-            if draw[0] < faults.drop_prob:
-                pass
-            elif draw[1] < faults.garbage_prob:
-                self.state_sock.send(self.rng.bytes(int(self.rng.integers(0, 200))))
-            else:
-                payload = np.full_like(obs, np.nan) if draw[2] < faults.nan_prob else obs
-                t = time.monotonic_ns()
-                self.state_sock.send(P.encode(P.MsgType.STATE, seq, payload, flags=flags, t_ns=t))
-                sent_at[seq] = t
-                report.states_sent += 1
-                flags = 0
-            # 2. wait for the command that answers it, until 90% of the period
-            cutoff = deadline + period - period // 10
-            spin_until = time.monotonic_ns() + 2 * spin_ns  # the answer usually comes within this
-            command = late = None
-            while command is None and not self._stop:
-                now = time.monotonic_ns()
-                left = cutoff - now
-                if left <= 0:
-                    break
-                if now < spin_until:
-                    ready = poller.poll(0)
-                elif left >= 1_000_000:
-                    ready = poller.poll(left // 1_000_000)  # whole milliseconds, rounded down: never past the cutoff
-                else:  # under a millisecond left: short sleeps cannot overshoot the cutoff
-                    time.sleep(min(left, 100_000) / 1e9)
-                    ready = poller.poll(0)
-                if not ready:
-                    continue
-                try:
-                    msg = P.decode(self.cmd_sock.recv(zmq.NOBLOCK))
-                except (zmq.Again, P.ProtocolError):
-                    continue
-                if msg.type != P.MsgType.COMMAND:
-                    continue
-                if msg.ref in sent_at:
-                    latencies.append(time.monotonic_ns() - sent_at.pop(msg.ref))
-                if msg.ref > seq or msg.ref <= last_applied_ref or msg.ref < seq - prof.robot.watchdog_periods:
-                    continue  # answers no state of ours, already superseded, or too old to be fresh
-                if not self._valid_command(msg):
-                    report.commands_rejected += 1
-                    continue
-                if msg.flags & int(P.CommandFlag.SAFE):
-                    report.safe_commands_from_node += 1
-                if msg.ref == seq:
-                    command, late = msg.payload.copy(), None
-                else:
-                    late = msg  # answers an earlier state: use it at the cutoff if nothing newer comes
-            if command is None and late is not None:
-                command = late.payload.copy()
-                report.commands_one_tick_late += 1
-                last_applied_ref = late.ref
-            elif command is not None:
-                last_applied_ref = seq
-            # 3. apply: the fresh command, else hold, else (watchdog) the safe command
-            if command is not None:
-                applied, last_fresh_tick = command, tick
-                report.commands_applied += 1
-                if watchdog_on:
-                    report.watchdog_clear_t_ns.append(time.monotonic_ns())
-                    self.log("qsm-sim: watchdog: commands are back")
-                    watchdog_on = False
-            else:
-                report.commands_late += 1
-                # At this cutoff, the next one would be more than watchdog_periods after the last
-                # fresh command: act now, so the safe command comes within watchdog_periods.
-                if tick - last_fresh_tick >= prof.robot.watchdog_periods - 1:
-                    if not watchdog_on:
-                        watchdog_on = True
-                        report.watchdog_trips += 1
-                        report.watchdog_periods_to_safe.append(tick - last_fresh_tick)
-                        report.watchdog_trip_t_ns.append(time.monotonic_ns())
-                        self.log(f"qsm-sim: watchdog: no fresh command for {tick - last_fresh_tick} periods -> safe command")
-                    applied = self.safe.copy()
-                    report.watchdog_ticks += 1
-            obs, reward, terminated, truncated, _ = self.env.step(applied)
-            ep_return += float(reward)
-            ep_steps += 1
-            report.steps += 1
-            tick += 1
-            if terminated or truncated or ep_steps >= episode_steps:
-                report.episodes.append(ep_return)
-                self.log(f"qsm-sim: episode {len(report.episodes)}: return {ep_return:.1f} ({ep_steps} steps)")
-                obs, ep_steps, ep_return, flags = self.env.reset()[0], 0, 0.0, 1
-            sent_at.pop(seq - 1000, None)  # seqs only grow: forget the one that just aged out
-            # 4. sleep to the next absolute deadline (sleep most of it, spin the last 200 us)
-            deadline += period
-            while (left := deadline - time.monotonic_ns()) > 0:
-                if left > 300_000:
-                    time.sleep((left - 200_000) / 1e9)
-        elapsed = (time.monotonic_ns() - start) / 1e9
-        report.achieved_rate_hz = tick / elapsed if elapsed > 0 else 0.0
-        lat = np.array(latencies) / 1e3
-        report.latency_us = {f"p{q}": float(np.percentile(lat, q)) for q in (50, 99, 99.9)} | {"max": float(lat.max())} if len(lat) else {}
+        """The scenario's episodes (or until request_stop()); the video is completed at a normal
+        end and discarded if the run fails."""
+        try:
+            report = super().run(episodes=self.scenario.episodes, connect_wait_s=connect_wait_s)
+        except BaseException:
+            self.sim.finish_video(complete=False)
+            raise
+        self.sim.finish_video(complete=True)
         return report
 
     def close(self) -> None:
-        self.state_sock.close(0)
-        self.cmd_sock.close(0)
+        super().close()
+        self.sim.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,12 +288,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, help="override the scenario's episode count")
     p.add_argument("--results", type=Path, help="write the robot's report as JSON here")
     p.add_argument("--key", help="this robot's CURVE key pair (.key_secret) when the profile has CURVE keys")
+    p.add_argument("--video", type=Path, metavar="FILE.mp4",
+                   help="record the episodes (MuJoCo offscreen rendering: needs MUJOCO_GL=egl or osmesa)")
+    p.add_argument("--video-fps", type=float, default=MAX_FPS,
+                   help=f"at most this many video frames per second (default {MAX_FPS:g}; each costs ~20 ms of CPU "
+                        "with software rendering)")
     a = p.parse_args(argv)
+    if not a.video_fps > 0:
+        p.error(f"--video-fps must be > 0, got {a.video_fps}")
     try:
         profile, scenario = Profile.load(a.profile), Scenario.load(a.scenario)
         if a.episodes:
             scenario.episodes = a.episodes
-        node = RobotNode(profile, scenario, key=a.key)
+        node = RobotNode(profile, scenario, key=a.key, video=a.video, video_fps=a.video_fps)
     except (ProfileError, AuthError) as exc:
         print(f"qsm-sim: error: {exc}", file=sys.stderr)
         return 2

@@ -230,7 +230,7 @@ class ServeNode:
         if msg.type != P.MsgType.STATE:
             self.counters.malformed += 1
             return None
-        restart = bool(msg.flags & 2) and msg.seq <= 1  # the robot's first state after its (re)start
+        restart = bool(msg.flags & P.StateFlag.RESTART) and msg.seq <= 1  # the robot's first state after its (re)start
         # Re-sync: after max_consecutive_stale states in a row rejected for their seq or their
         # clock, the stream itself has changed (a robot restarted without its flag, a forged seq
         # or clock): take this state as the new reference, and safe-stop, so that acting on the

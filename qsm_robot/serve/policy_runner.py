@@ -31,7 +31,7 @@ class PolicyRunner:
         """Whether the last call carried an injected stall (flight record bit INJECTED_BIT)."""
         self.session = make_session(model)
         self.contract: ModelContract = read_contract(self.session)
-        self.noise_shape = (1, self.contract.teacher_steps, self.contract.act_dim)
+        self.noise_shape = (1, self.contract.teacher_steps, self.contract.io.act_dim)
         self.rng = np.random.default_rng(seed)
         self.last_run_us = float("nan")
         self.terminated = 0
@@ -41,7 +41,7 @@ class PolicyRunner:
         self._stop = False
         self._thread = threading.Thread(target=self._watchdog, name="policy-watchdog", daemon=True)
         self._thread.start()
-        obs = np.zeros((1, self.contract.obs_dim), np.float32)
+        obs = np.zeros((1, self.contract.io.obs_dim), np.float32)
         for _ in range(warmup):  # warm caches and allocators before the node can be armed
             self.session.run(None, {"obs": obs, "noise": self.rng.standard_normal(self.noise_shape, dtype=np.float32)})
         self.rng = np.random.default_rng(seed)  # warm-up draws do not shift the noise stream

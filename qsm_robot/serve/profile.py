@@ -1,24 +1,31 @@
 """Deployment profiles: JSON files in deploy/profiles/, validated on load (no torch).
 
-A profile is one robot/host setup: control rate, latency budget, watchdog periods, actuator
-bounds, safe command, rate limits and the ZeroMQ endpoints. ``check_contract`` refuses a model
-whose contract does not fit the profile, naming each mismatch.
+A profile is one robot/host setup: the robot's I/O description (``"policy"``: a
+:class:`~qsm_robot.policy_io.PolicyIO`, the same JSON the model's contract carries), control rate,
+latency budget, watchdog periods, safe command, rate limits and the ZeroMQ endpoints.
+``check_contract`` refuses a model whose contract does not fit the profile, naming each mismatch.
+
+Profile version 1 (task, obs_dim, act_dim, action_low, action_high as top-level keys) is refused
+with the command that writes a version-2 profile from a model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qsm_robot.export.contract import ModelContract
+from qsm_robot.policy_io import PERIOD_RTOL, PolicyIO, PolicyIOError
 from qsm_robot.serve.auth import CurveSettings
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+V1_KEYS = ("task", "obs_dim", "act_dim", "action_low", "action_high")
+"""Top-level keys of a version-1 profile that version 2 moved into ``policy``."""
 
 
 class ProfileError(ValueError):
@@ -50,27 +57,26 @@ class RobotSettings:
     watchdog_periods: int = 5
     """The robot applies its safe command within this many periods of its last fresh command
     (at the last command cutoff inside that time)."""
-    episode_steps: int = 1000
-    """Control steps per simulated episode."""
+    episode_steps: int | None = None
+    """Control steps per simulated episode; null: the policy's episode_steps."""
 
 
 @dataclass
 class Profile:
     name: str
-    task: str
-    """The dm_control task the model must have been trained on."""
-    obs_dim: int
-    act_dim: int
-    action_low: list[float]
-    """Actuator bounds of this robot; the model's contract must carry the same."""
-    action_high: list[float]
+    """The profile's name (calibration records are bound to it)."""
+    policy: PolicyIO
+    """The robot's I/O description: task, observation layout, actuator names and bounds, control
+    period, action repeat, episode length. The model's contract must carry the same."""
     safe_command: list[float]
-    rate_hz: float = 100.0
-    """Control rate, 50 to 1000 Hz."""
+    """The command the node sends when it is not running (and as the 'safe' fallback)."""
+    rate_hz: float | None = None
+    """Control rate, 1 to 1000 Hz; null: the policy's (1 / policy.control_period_s)."""
     latency_budget_ms: float = 2.0
     """State-in to command-out budget of one tick; the policy must finish inside it."""
     check_control_period: bool = True
-    """Refuse a model trained at another control period (turn off only for timing benchmarks)."""
+    """Refuse a model trained at another control period or action repeat, and a rate_hz other than
+    the model's control rate (turn off only for timing benchmarks)."""
     stale_periods: int = 3
     """A state older than this many periods (or no new state for as long) is stale."""
     same_clock: bool = True
@@ -93,9 +99,11 @@ class Profile:
     soft_start_ticks: int = 0
     """After arming, the rate limit ramps up from soft_start_delta over this many ticks."""
     soft_start_delta: list[float] | None = None
+    """Per-actuator change limit per tick at the start of the soft start."""
     obs_low: list[float] | None = None
     """Observation envelope (from calibration); outside it a state is flagged."""
     obs_high: list[float] | None = None
+    """Upper side of the observation envelope."""
     obs_out_of_range_fallback: bool = False
     """Also send the fallback command when a state is outside the envelope."""
     require_calibration: bool = True
@@ -107,8 +115,39 @@ class Profile:
     """The flight recorder keeps the last this many ticks (memory fixed at start: 64 bytes a tick
     for cartpole); whole-run counters and the latency histogram cover every tick."""
     endpoints: Endpoints = field(default_factory=Endpoints)
+    """ZeroMQ endpoints of the node's three sockets."""
     robot: RobotSettings = field(default_factory=RobotSettings)
+    """Settings of the (simulated) robot."""
     profile_version: int = PROFILE_VERSION
+    """Version of this file's layout."""
+
+    def __post_init__(self) -> None:
+        # null means "the policy's": resolved once here, so every reader sees a number.
+        if self.rate_hz is None:
+            self.rate_hz = self.policy.rate_hz
+        if self.robot.episode_steps is None:
+            self.robot = replace(self.robot, episode_steps=self.policy.episode_steps)
+
+    # --- derived from policy: the names the node and the safety chain use ---
+    @property
+    def task(self) -> str:
+        return self.policy.task
+
+    @property
+    def obs_dim(self) -> int:
+        return self.policy.obs_dim
+
+    @property
+    def act_dim(self) -> int:
+        return self.policy.act_dim
+
+    @property
+    def action_low(self) -> tuple[float, ...]:
+        return self.policy.action_low
+
+    @property
+    def action_high(self) -> tuple[float, ...]:
+        return self.policy.action_high
 
     @property
     def period_s(self) -> float:
@@ -120,7 +159,8 @@ class Profile:
                 raise ProfileError(f"profile {self.name!r}: {name}: {rule}, got {getattr(self, name, None)!r}")
 
         need(self.profile_version == PROFILE_VERSION, "profile_version", f"must be {PROFILE_VERSION}")
-        need(50 <= self.rate_hz <= 1000, "rate_hz", "must be in [50, 1000]")
+        need(isinstance(self.policy, PolicyIO), "policy", "must be a PolicyIO")
+        need(isinstance(self.rate_hz, (int, float)) and 1 <= self.rate_hz <= 1000, "rate_hz", "must be in [1, 1000]")
         need(0 < self.latency_budget_ms * 1e-3 < self.period_s, "latency_budget_ms", "must be > 0 and below the period")
         for name in ("stale_periods", "max_consecutive_misses", "max_consecutive_stale"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
@@ -128,8 +168,7 @@ class Profile:
         need(self.soft_start_ticks >= 0, "soft_start_ticks", "must be >= 0")
         need(0 <= self.spin_us * 1e-6 < self.period_s / 2, "spin_us", "must be >= 0 and below half the period")
         need(self.fallback in ("hold", "safe"), "fallback", "must be 'hold' or 'safe'")
-        need(self.obs_dim >= 1 and self.act_dim >= 1, "act_dim", "obs_dim and act_dim must be >= 1")
-        for name in ("action_low", "action_high", "safe_command", "max_delta_per_tick", "soft_start_delta"):
+        for name in ("safe_command", "max_delta_per_tick", "soft_start_delta"):
             value = getattr(self, name)
             need(value is None or len(value) == self.act_dim, name, f"must have act_dim={self.act_dim} values")
         for name in ("obs_low", "obs_high"):
@@ -137,27 +176,45 @@ class Profile:
             need(value is None or len(value) == self.obs_dim, name, f"must have obs_dim={self.obs_dim} values")
         need((self.obs_low is None) == (self.obs_high is None), "obs_high", "obs_low and obs_high come together")
         low, high = np.array(self.action_low), np.array(self.action_high)
-        need(bool((low < high).all()), "action_high", "must be above action_low")
         safe = np.array(self.safe_command)
         need(bool(((safe >= low) & (safe <= high)).all()), "safe_command", "must lie within the actuator bounds")
         need(self.max_delta_per_tick is None or min(self.max_delta_per_tick) > 0, "max_delta_per_tick", "must be > 0")
         need(self.robot.watchdog_periods >= 1, "robot", "robot.watchdog_periods must be >= 1")
+        need(self.robot.episode_steps >= 1, "robot", "robot.episode_steps must be >= 1")
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "policy": self.policy.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Profile":
+        if not isinstance(data, dict):
+            raise ProfileError(f"a profile is a JSON object, got {type(data).__name__}")
+        name = data.get("name", "?")
+        version = data.get("profile_version", 1)  # version 1 did not write the key
+        if version == 1:
+            raise ProfileError(
+                f"profile {name!r}: profile_version 1 (task, obs_dim, act_dim, action_low, action_high as "
+                f"top-level keys) is no longer read; this qsm-robot reads profile_version {PROFILE_VERSION}, which "
+                "embeds the robot's I/O description as \"policy\". Write a starting profile from the model with "
+                "'qsm-serve profile --model MODEL.onnx --name NAME', then copy this profile's settings (rate, "
+                "budget, safety limits, endpoints, keys) into it")
+        if version != PROFILE_VERSION:
+            raise ProfileError(f"profile {name!r}: profile_version: must be {PROFILE_VERSION}, got {version!r}")
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
-        name = data.get("name", "?")
         if unknown:
-            raise ProfileError(f"profile {name!r}: unknown keys {sorted(unknown)}")
-        required = {"name", "task", "obs_dim", "act_dim", "action_low", "action_high", "safe_command"}
+            moved = sorted(unknown & set(V1_KEYS))
+            hint = f" ({', '.join(moved)}: part of \"policy\" since profile_version 2)" if moved else ""
+            raise ProfileError(f"profile {name!r}: unknown keys {sorted(unknown)}{hint}")
+        required = {"name", "policy", "safe_command"}
         if required - set(data):
             raise ProfileError(f"profile {name!r}: missing keys {sorted(required - set(data))}")
         data = dict(data)
+        try:
+            data["policy"] = PolicyIO.from_dict(data["policy"], where=f"profile {name!r}: policy")
+        except PolicyIOError as exc:
+            raise ProfileError(str(exc)) from None
         try:
             data["endpoints"] = Endpoints(**data.get("endpoints", {}))
             data["robot"] = RobotSettings(**data.get("robot", {}))
@@ -188,20 +245,17 @@ class Profile:
 
 
 def check_contract(profile: Profile, contract: ModelContract) -> None:
-    """Raise ProfileError listing every way the model does not fit the profile."""
-    problems = []
-    if contract.task != profile.task:
-        problems.append(f"task: model {contract.task!r}, profile {profile.task!r}")
-    if contract.obs_dim != profile.obs_dim:
-        problems.append(f"obs_dim: model {contract.obs_dim}, profile {profile.obs_dim}")
-    if contract.act_dim != profile.act_dim:
-        problems.append(f"act_dim: model {contract.act_dim}, profile {profile.act_dim}")
-    for name in ("action_low", "action_high"):
-        ours, theirs = np.array(getattr(profile, name)), np.array(getattr(contract, name))
-        if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=0, atol=1e-6):
-            problems.append(f"{name}: model {list(theirs)}, profile {list(ours)}")
-    if profile.check_control_period and abs(contract.control_period_s - profile.period_s) > 0.01 * profile.period_s:
-        problems.append(f"control period: model {contract.control_period_s * 1e3:.3f} ms, profile "
-                        f"{profile.period_s * 1e3:.3f} ms ({profile.rate_hz} Hz)")
+    """Raise ProfileError listing every way the model does not fit the profile.
+
+    The model's and the profile's I/O descriptions must agree field by field (task, observation
+    names, order and sizes, actuator names, bounds; with ``check_control_period`` also the control
+    period and action repeat, and the profile's rate must be the model's control rate).
+    """
+    model = contract.io
+    problems = model.mismatches(profile.policy, check_period=profile.check_control_period)
+    if profile.check_control_period and abs(profile.period_s - model.control_period_s) > PERIOD_RTOL * model.control_period_s:
+        problems.append(f"rate_hz: model {model.rate_hz:g} Hz (control period {model.control_period_s * 1e3:.3f} ms), "
+                        f"profile {profile.rate_hz:g} Hz (leave rate_hz null to follow the policy, or set "
+                        "check_control_period false for a timing benchmark)")
     if problems:
         raise ProfileError(f"model does not match profile {profile.name!r}: " + "; ".join(problems))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 import time
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import IntEnum, IntFlag
 
 import numpy as np
 
@@ -53,6 +53,11 @@ class CommandFlag(IntEnum):
     POLICY = 0          # the policy's action after the safety chain
     FALLBACK = 1        # bit0: a fallback (hold last safe / safe command)
     SAFE = 2            # bit1: the node's safe command (not running, e-stop, safe-stop)
+
+
+class StateFlag(IntFlag):
+    EPISODE_START = 1   # bit0: the first state of an episode
+    RESTART = 2         # bit1: the first state since the robot (re)started (sent with seq 1)
 
 
 class ProtocolError(ValueError):

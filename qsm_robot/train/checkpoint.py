@@ -6,7 +6,7 @@ A run directory's ``checkpoints/`` holds one folder per checkpoint and ``latest.
       latest.json                 {"checkpoint": "step_000050000", "step": 50000}
       step_000050000/
         policy.safetensors        denoiser weights          } the policy part: enough for
-        policy.json               PolicySpec                } export (qsm_robot.qsm.policy)
+        policy.json               PolicySpec + PolicyIO     } export (qsm_robot.qsm.policy)
         train_state.safetensors   critics, targets, optimiser moments, replay, RNG tensors
         train_state.json          counters, RNG and env states, optimiser hyperparameters
 
@@ -28,6 +28,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+
+from qsm_robot.files import atomic_write_text  # noqa: F401  (re-exported: checkpoints write through it)
+from qsm_robot.files import remove_temporaries as remove_temporary_files
 from safetensors.torch import load_file, save_file
 
 from qsm_robot.qsm.policy import CheckpointError, PolicySpec, resolve_checkpoint, save_policy_files
@@ -68,16 +71,6 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -123,13 +116,10 @@ def remove_temporaries(ckpt_root: Path) -> list[Path]:
     """
     if not ckpt_root.is_dir():
         return []
-    leftovers = sorted([*ckpt_root.glob(".tmp-step_*"), *ckpt_root.glob(".latest.json.tmp-*")])
-    for p in leftovers:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    return leftovers
+    folders = sorted(p for p in ckpt_root.glob(".tmp-step_*") if p.is_dir())
+    for p in folders:
+        shutil.rmtree(p, ignore_errors=True)
+    return folders + remove_temporary_files(ckpt_root)
 
 
 def load_train_state(path: str | Path) -> tuple[Path, dict[str, Any]]:

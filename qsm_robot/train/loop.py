@@ -12,19 +12,23 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from qsm_robot.config import TrainConfig, resolve_device
-from qsm_robot.envs import EnvInfo, env_info, get_env_state, make_env, set_env_state
+from qsm_robot.config import TrainConfig, resolve_device, resolve_threads
+from qsm_robot.envs import env_info, get_env_state, make_env, set_env_state
 from qsm_robot.qsm.learner import QSMLearner
+from qsm_robot.policy_io import PolicyIO
 from qsm_robot.qsm.policy import PolicySpec
+from qsm_robot.files import remove_temporaries as remove_temporary_files
 from qsm_robot.train.checkpoint import (
     atomic_write_text, has_checkpoint, load_train_state, remove_temporaries, save_checkpoint,
 )
@@ -53,13 +57,9 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.task}__{cfg.preset}__seed{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def policy_spec(cfg: TrainConfig, info: EnvInfo, step: int) -> PolicySpec:
+def policy_spec(cfg: TrainConfig, io: PolicyIO, step: int) -> PolicySpec:
     return PolicySpec(
-        task=info.task, obs_dim=info.obs_dim, act_dim=info.act_dim,
-        obs_layout=[list(x) for x in info.obs_layout],
-        action_low=info.action_low, action_high=info.action_high,
-        control_period_s=info.control_period_s, action_repeat=info.action_repeat,
-        hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, time_dim=cfg.time_dim,
+        io=io, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, time_dim=cfg.time_dim,
         fourier_dim=cfg.fourier_dim, schedule=cfg.schedule, diffusion_steps=cfg.diffusion_steps,
         temperature=cfg.temperature, clip_sample=cfg.clip_sample, step=step,
     )
@@ -70,13 +70,15 @@ class Trainer:
 
     With ``resume`` the state comes from the run's latest checkpoint; a run that has none yet
     (stopped before its first) starts again from step 0, and ``started_over`` is then True.
+    ``on_eval``, when given, is called with each evaluation's eval.csv row (qsm-sweep reports it
+    to Ray Tune). Off the main thread (a Ray Tune trial) ``run()`` installs no signal handlers.
     """
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False,
+                 on_eval: Callable[[dict[str, Any]], None] | None = None):
         cfg.validate()
-        self.cfg, self.run_dir = cfg, run_dir
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self.cfg, self.run_dir, self.on_eval = cfg, run_dir, on_eval
+        torch.set_num_threads(resolve_threads(cfg.threads))
         self.device = resolve_device(cfg.device)
         seeds = np.random.SeedSequence(cfg.seed).generate_state(3 + cfg.eval_episodes)
         torch.manual_seed(cfg.seed)  # network initialisation
@@ -95,6 +97,7 @@ class Trainer:
         self.started_over = resume and not has_checkpoint(run_dir)
         if resume:
             remove_temporaries(run_dir / "checkpoints")  # partial writes of a killed process
+            remove_temporary_files(run_dir)  # config.json, learning_curve.png
         if resume and not self.started_over:
             self._restore()
         else:
@@ -161,9 +164,12 @@ class Trainer:
         returns = evaluate(policy, self.eval_envs)
         mean = float(np.mean(returns))
         self.evals.append(mean)
-        self.log.eval(step=self.step, time_s=round(self.elapsed(), 2), return_mean=mean,
-                      return_std=float(np.std(returns)), return_min=float(np.min(returns)),
-                      return_max=float(np.max(returns)), episodes=len(returns))
+        row = dict(step=self.step, time_s=round(self.elapsed(), 2), return_mean=mean,
+                   return_std=float(np.std(returns)), return_min=float(np.min(returns)),
+                   return_max=float(np.max(returns)), episodes=len(returns))
+        self.log.eval(**row)
+        if self.on_eval is not None:
+            self.on_eval(row)
         tqdm.write(f"step {self.step}: eval return {mean:.1f} +- {np.std(returns):.1f} "
                    f"({len(returns)} episodes, {self.elapsed():.0f} s)", file=sys.stderr)
         return mean
@@ -171,7 +177,8 @@ class Trainer:
     def run(self) -> RunResult:
         cfg = self.cfg
         self._t0 = time.perf_counter()
-        handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        main_thread = threading.current_thread() is threading.main_thread()  # signal.signal needs it
+        handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM) if main_thread}
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None, file=sys.stderr, smoothing=0.05)
         window_t, window_step, window_updates = time.perf_counter(), self.step, self.learner.num_updates

@@ -4,7 +4,11 @@
     episodes.csv  every finished training episode: return and length
     eval.csv      every evaluation: mean, std, min and max return over the eval episodes
     tb/           the same series as TensorBoard events
-    learning_curve.png  eval return (and training episode returns) vs environment steps
+    learning_curve.png  eval return (and training episode returns) vs frames
+
+The CSV files count ``step`` in policy steps (actions), as ``--steps`` does. The plot's axis is in
+**frames**: the task's own control steps, policy steps x ``action_repeat`` (read from the run's
+config.json), the unit the literature reports and ``qsm-sweep report`` uses.
 
 On resume, rows past the checkpoint's step (written after it, then lost to a kill) are dropped,
 and TensorBoard is told to purge events past that step, so the logs read as one run.
@@ -13,8 +17,10 @@ and TensorBoard is told to purge events past that step, so the logs read as one 
 from __future__ import annotations
 
 import csv
-import os
+import json
 from pathlib import Path
+
+from qsm_robot.files import atomic_write
 
 TRAIN_COLUMNS = ["step", "time_s", "steps_per_s", "updates_per_s", "critic_loss", "actor_loss", "q_mean", "actor_lr"]
 EPISODE_COLUMNS = ["step", "time_s", "return", "length"]
@@ -26,6 +32,14 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def action_repeat_of(run_dir: Path) -> int:
+    """The run's action repeat from its config.json (1 when it has none): frames per policy step."""
+    try:
+        return int(json.loads((run_dir / "config.json").read_text()).get("action_repeat", 1))
+    except (OSError, ValueError):
+        return 1
 
 
 class RunLog:
@@ -77,28 +91,26 @@ class RunLog:
         import matplotlib.pyplot as plt
 
         evals, episodes = read_csv(self.files["eval"][0]), read_csv(self.files["episodes"][0])
+        repeat = action_repeat_of(self.run_dir)  # x axis in frames = policy steps x action repeat
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
         if episodes:
-            ax.plot([int(r["step"]) for r in episodes], [float(r["return"]) for r in episodes],
+            ax.plot([int(r["step"]) * repeat for r in episodes], [float(r["return"]) for r in episodes],
                     ".", color="tab:gray", alpha=0.5, label="train episode return")
         if evals:
-            steps = [int(r["step"]) for r in evals]
+            steps = [int(r["step"]) * repeat for r in evals]
             mean = [float(r["return_mean"]) for r in evals]
             std = [float(r["return_std"]) for r in evals]
             ax.plot(steps, mean, "-o", color="tab:blue", label="eval return (mean)")
             ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color="tab:blue", alpha=0.2, label="eval return (std)")
-        ax.set_xlabel("environment steps")
+        ax.set_xlabel(f"frames (policy steps x action repeat {repeat})")
         ax.set_ylabel("return")
         ax.set_title(self.title)
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left")
         fig.tight_layout()
-        path = self.run_dir / "learning_curve.png"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-        fig.savefig(tmp)
+        path = atomic_write(self.run_dir / "learning_curve.png", fig.savefig)
         plt.close(fig)
-        os.replace(tmp, path)
         return path
 
     def close(self) -> None:

@@ -2,8 +2,8 @@
 
 qsm-serve and qsm-sim run as separate processes, as in a deployment. The closed-loop return must
 equal an offline rollout of the same ONNX file (same env seed, same noise stream) exactly when
-every command the robot applied was the policy's on-time answer, unchanged by the safety chain
-(the calibration's rate limit is widened here so that it need not clamp). This checks, for each shape, the
+every command the robot applied was the node's on-time answer (the offline rollout applies the
+same safety chain with the same calibrated limits, clamps included). This checks, for each shape, the
 observation layout, the action scaling, the per-actuator safety values and the timing path. The
 policies act at 20-25 Hz (action repeat) so that a loaded machine rarely makes a command late;
 when one is late the episode legitimately differs (one late command changes the trajectory), and
@@ -35,7 +35,7 @@ def test_demo_serves_any_shape_and_the_loop_equals_the_offline_rollout(tmp_path,
                     "--action-repeat", str(action_repeat),
                     "--robot-episodes", "1", "--episode-steps", str(EPISODE_STEPS), "--calibration-calls", "100",
                     # the procedure under test, not this host: a loaded machine still gets a budget
-                    "--budget-margin", "3", "--max-budget-fraction", "0.95", "--delta-margin", "4",
+                    "--budget-margin", "3", "--max-budget-fraction", "0.95",
                     "--no-video", "--out", str(out)])
     assert rc == 0
     io = read_contract(make_session(out / "policy.onnx")).io
@@ -50,10 +50,9 @@ def test_demo_serves_any_shape_and_the_loop_equals_the_offline_rollout(tmp_path,
     (closed,), (offline,) = summary["closed_loop_returns"], summary["offline_returns"]
     robot = json.loads((out / "robot.json").read_text())
     assert robot["steps"] == EPISODE_STEPS and robot["commands_rejected"] == 0 and np.isfinite(closed)
-    if summary["as_offline"]:
+    if summary["every_command_on_time"]:
         assert closed == pytest.approx(offline, abs=1e-6)  # the same episode, bit for bit
-    else:  # the machine was too loaded for an exact comparison: say so, and check the counters explain it
-        assert not summary["every_command_on_time"] or summary["commands_clamped"] > 0
-        warnings.warn(f"{task}: a command was late or clamped (robot late {robot['commands_late']}, one tick late "
-                      f"{robot['commands_one_tick_late']}, node fallbacks {summary['node_fallbacks']}, clamps "
-                      f"{summary['commands_clamped']}): closed-loop and offline returns not compared")
+    else:  # the machine was too loaded for an exact comparison: say so
+        warnings.warn(f"{task}: a command was late (robot late {robot['commands_late']}, one tick late "
+                      f"{robot['commands_one_tick_late']}, node fallbacks {summary['node_fallbacks']}): "
+                      "closed-loop and offline returns not compared")

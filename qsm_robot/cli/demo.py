@@ -12,7 +12,8 @@
    start as separate processes; the robot runs episodes in real time through the control loop
    and records a video of them when MuJoCo can render offscreen;
 6. a summary (also summary.json) compares the closed-loop returns with an offline rollout of the
-   same ONNX file on the same seeds and noise.
+   same ONNX file on the same seeds and noise, through the same safety chain and calibrated limits:
+   when every command is on time they are equal.
 """
 
 from __future__ import annotations
@@ -51,22 +52,31 @@ def export_args(preset: str) -> list[str]:
             "--eval-episodes", "2", "--min-retention", "0", "--latency-calls", "500"]
 
 
-def offline_returns(session, contract, episodes: int, episode_steps: int) -> list[float]:
-    """The same ONNX file, env seed and noise stream as the served episodes, no network in between."""
+def offline_returns(session, contract, profile, episodes: int, episode_steps: int) -> list[float]:
+    """The served episodes without the network: the same ONNX file, env seed and noise stream,
+    through the same safety chain with the same (calibrated) values, as the node applies them."""
     from qsm_robot.envs import make_env
+    from qsm_robot.serve.safety import SafetyChain, SafetyConfig
 
     noise_shape = tuple(contract.noise_shape[1:])
     rng, returns = np.random.default_rng(NOISE_SEED), []
+    chain = SafetyChain(SafetyConfig.from_profile(profile))
+    chain.arm()
     env = make_env(contract.io.task, seed=SCENARIO_SEED, action_repeat=contract.io.action_repeat, rescale_actions=False)
     for _ in range(episodes):
         obs, total = env.reset()[0], 0.0
         for _ in range(episode_steps):
-            noise = rng.standard_normal((1, *noise_shape), dtype=np.float32)
-            obs, r, term, trunc, _ = env.step(session.run(None, {"obs": obs[None], "noise": noise})[0][0])
+            usable, flags = chain.check_state(obs)
+            if usable:
+                noise = rng.standard_normal((1, *noise_shape), dtype=np.float32)
+                command = chain.filter_action(session.run(None, {"obs": obs[None], "noise": noise})[0][0], flags).command
+            else:
+                command = chain.fallback_command(flags).command
+            obs, r, term, trunc, _ = env.step(command)
             total += r
             if term or trunc:
                 break
-        returns.append(total)
+        returns.append(float(total))
     return returns
 
 
@@ -178,18 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     if sim.returncode != 0:
         return sim.returncode
     robot = json.loads((out / "robot.json").read_text())
-    offline = [float(r) for r in offline_returns(session, contract, a.robot_episodes, episode_steps)]
+    from qsm_robot.cli.serve import load_calibrated_profile
+
+    served_profile, _ = load_calibrated_profile(str(model), str(profile_path), str(calibration))
+    offline = offline_returns(session, contract, served_profile, a.robot_episodes, episode_steps)
     (serve_summary,) = (out / "serve").glob("summary-*.json")
     node = json.loads(serve_summary.read_text())
-    # As offline: every command the robot applied was the policy's on-time answer to the state it had
-    # just sent, unchanged by the safety chain (no fallback, no clamp by the bounds or the rate limit).
+    # As offline: every command the robot applied was the node's on-time answer (policy and safety
+    # chain) to the state it had just sent: no late command, no fallback for a missed deadline.
     on_time = robot["commands_late"] == 0 and robot["commands_one_tick_late"] == 0 and node["fallbacks"] == 0
-    clamped = node["bounds_clamped"] + node["rate_clamped"]
     record = json.loads(calibration.read_text())
     summary = {
         "task": io.task, "obs_dim": io.obs_dim, "act_dim": io.act_dim, "rate_hz": io.rate_hz,
         "closed_loop_returns": robot["episodes"], "offline_returns": offline, "every_command_on_time": on_time,
-        "commands_clamped": clamped, "as_offline": on_time and clamped == 0,
+        "commands_clamped": node["bounds_clamped"] + node["rate_clamped"],
         "robot_latency_us": robot["latency_us"], "achieved_rate_hz": robot["achieved_rate_hz"],
         "commands_late": robot["commands_late"], "watchdog_trips": robot["watchdog_trips"],
         "node_fallbacks": node["fallbacks"], "node_latency_us": node["node_latency_us"],
@@ -202,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("policy", f"{out / 'train'} -> {model} ({io.task}: {io.obs_dim} observations, {io.act_dim} actuators)"),
         ("closed-loop returns", [round(r, 1) for r in robot["episodes"]]),
-        ("offline returns (same ONNX, seeds, noise)", [round(float(r), 1) for r in offline]),
+        ("offline returns (same ONNX, seeds, noise, limits)", [round(r, 1) for r in offline]),
+        ("every command on time", "yes: the loop reproduced the offline run" if on_time else
+         "no (a late command or a fallback): the returns may differ"),
         ("robot: rate", f"{robot['achieved_rate_hz']:.1f} Hz"),
         ("robot: state -> command latency", f"p50 {lat['p50']:.0f} us, p99 {lat['p99']:.0f} us, max {lat['max']:.0f} us"),
         ("robot: late commands / watchdog trips", f"{robot['commands_late']} / {robot['watchdog_trips']}"),

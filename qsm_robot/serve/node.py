@@ -83,14 +83,7 @@ class ServeNode:
                      "who can reach it can send states and arm, disarm or e-stop the node. Configure 'curve'.")
         self.runner = PolicyRunner(model, seed=seed, spike_every=spike_every, spike_ms=spike_ms)
         check_contract(profile, self.runner.contract)
-        arr = lambda v: None if v is None else np.asarray(v, np.float32)  # noqa: E731
-        self.safety = SafetyChain(SafetyConfig(
-            obs_dim=profile.obs_dim, act_dim=profile.act_dim, action_low=arr(profile.action_low),
-            action_high=arr(profile.action_high), safe_command=arr(profile.safe_command),
-            max_delta=arr(profile.max_delta_per_tick), fallback=profile.fallback, obs_low=arr(profile.obs_low),
-            obs_high=arr(profile.obs_high), obs_out_of_range_fallback=profile.obs_out_of_range_fallback,
-            soft_start_ticks=profile.soft_start_ticks, soft_start_delta=arr(profile.soft_start_delta),
-        ))
+        self.safety = SafetyChain(SafetyConfig.from_profile(profile))
         self.state = P.NodeState.IDLE
         self.counters = Counters()
         self.recorder = FlightRecorder(profile.obs_dim, profile.act_dim, capacity=profile.flight_record_ticks)

@@ -40,6 +40,16 @@ class SafetyConfig:
     """After arming, the rate limit grows linearly from soft_start_delta to max_delta over this many ticks."""
     soft_start_delta: np.ndarray | None = None
 
+    @classmethod
+    def from_profile(cls, profile) -> "SafetyConfig":
+        """The chain's settings from a deployment profile (with any calibration record applied)."""
+        arr = lambda v: None if v is None else np.asarray(v, np.float32)  # noqa: E731
+        return cls(obs_dim=profile.obs_dim, act_dim=profile.act_dim, action_low=arr(profile.action_low),
+                   action_high=arr(profile.action_high), safe_command=arr(profile.safe_command),
+                   max_delta=arr(profile.max_delta_per_tick), fallback=profile.fallback, obs_low=arr(profile.obs_low),
+                   obs_high=arr(profile.obs_high), obs_out_of_range_fallback=profile.obs_out_of_range_fallback,
+                   soft_start_ticks=profile.soft_start_ticks, soft_start_delta=arr(profile.soft_start_delta))
+
 
 @dataclass
 class TickResult:

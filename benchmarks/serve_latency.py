@@ -92,12 +92,13 @@ def run_pair(model: Path, profile_path: Path, episodes: int, work: Path, kill_af
     (record,) = rec.glob("flight-*.npz")
     ticks = np.load(record)["ticks"]
     flags = ticks["flags"]
-    miss = (flags & (1 << 6)) > 0
+    F = P.TickFlag
+    miss = (flags & int(F.MISS)) > 0
     row.update({
         "node_ticks": len(ticks), "misses": int(miss.sum()), "miss_pct": round(100 * miss.mean(), 4),
-        "misses_with_fallback": int((miss & ((flags & (1 << 5)) > 0)).sum()),
-        "stale": int(((flags & (1 << 7)) > 0).sum()),
-        "bounds_clamps": int(((flags & (1 << 3)) > 0).sum()), "rate_clamps": int(((flags & (1 << 4)) > 0).sum()),
+        "misses_with_fallback": int((miss & ((flags & int(F.FALLBACK)) > 0)).sum()),
+        "stale": int(((flags & int(F.STALE)) > 0).sum()),
+        "bounds_clamps": int(((flags & int(F.BOUNDS_CLAMPED)) > 0).sum()), "rate_clamps": int(((flags & int(F.RATE_CLAMPED)) > 0).sum()),
         "node_p99.9_us": round(float(np.percentile((ticks["t_send_ns"] - ticks["t_recv_ns"]) / 1e3, 99.9)), 1),
     })
     return row

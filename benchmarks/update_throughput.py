@@ -20,6 +20,7 @@ from common import print_table, write_csv
 from qsm_robot.config import preset_config
 from qsm_robot.envs import env_info, make_env
 from qsm_robot.qsm.learner import QSMLearner
+from qsm_robot.train.loop import learner_config
 
 OUT = Path(__file__).parent / "results"
 
@@ -80,7 +81,7 @@ def main() -> None:
     for device in devices:
         cfg = preset_config("reference", hidden_dim=args.hidden_dim, batch_size=args.batch_size,
                             diffusion_steps=args.diffusion_steps, device=device.type).validate()
-        learner = QSMLearner(cfg, info.obs_dim, info.act_dim, device)
+        learner = QSMLearner(learner_config(cfg), info.obs_dim, info.act_dim, device)
         g = torch.Generator(device=device).manual_seed(0)
         B = cfg.batch_size
         batch = {

@@ -56,13 +56,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from harness import (REPO, RESULTS, ControlClient, Drain, P, load_inputs, print_table, private_profile, start_serve,
-                     start_sim, status, write_csv, write_json)
+from harness import (REPO, RESULTS, ControlClient, Drain, P, load_inputs, print_table, private_profile, serve_summary,
+                     start_serve, start_sim, status, write_csv, write_json)
 
 from qsm_robot.serve.profile import Profile
-from qsm_robot.serve.telemetry import INJECTED_BIT, MISS_BIT, STALE_BIT
 
-FALLBACK_BIT = 1 << 5
+F = P.TickFlag
+INJECTED_BIT, MISS_BIT, STALE_BIT, FALLBACK_BIT = int(F.INJECTED_STALL), int(F.MISS), int(F.STALE), int(F.FALLBACK)
 RECONNECT_MS = 100.0
 """ZeroMQ's default reconnect interval (ZMQ_RECONNECT_IVL): how often the robot's sockets retry a
 node that went away; libzmq adds a random jitter of up to one interval to each retry."""
@@ -107,7 +107,7 @@ class Session:
     def serve_outputs(self, name: str) -> tuple[dict, np.ndarray]:
         """The summary JSON and the flight record's ticks that a qsm-serve wrote at SIGTERM."""
         (summary,) = (self.work / name).glob("summary-*.json")
-        data = json.loads(summary.read_text())
+        data = serve_summary(summary)
         return data, np.load(data["flight_record"])["ticks"]
 
     def check_alive(self) -> None:

@@ -85,12 +85,13 @@ from typing import Callable
 
 import numpy as np
 import zmq
-from harness import REPO, RESULTS, ipc_endpoints, print_table, rss_kib, start_serve, start_sim, wait_ready, write_csv
+from harness import (REPO, RESULTS, ipc_endpoints, print_table, rss_kib, serve_summary, start_serve, start_sim,
+                     wait_ready, write_csv)
 
 from qsm_robot.serve import protocol as P
-from qsm_robot.serve.client import decode_status
-from qsm_robot.serve.node import STATUS_FIELDS
 from qsm_robot.serve.profile import Profile
+from qsm_robot.serve.status import SCALARS as STATUS_SCALARS
+from qsm_robot.serve.status import Status
 
 DEFAULT_MODEL = REPO / "deploy" / "models" / "cartpole-ref-k1.onnx"
 BASE_PROFILE = REPO / "deploy" / "profiles" / "cartpole-sim.json"
@@ -100,6 +101,9 @@ ATTACK_REFS = frozenset({0, U32})
 restart flag), 2**63 (ref 0) or 2**64-1 (ref 0xFFFFFFFF); the robot's seqs start at 1."""
 MARKER = np.array([0.123, -0.456, 0.789, 1.5, -2.5, 0.25, -0.75, 0.5], np.float32)
 """The race class's spoofed observation (first obs_dim values): found again in the flight record."""
+RESTART = int(P.StateFlag.RESTART)
+NOT_POLICY = int(P.CommandFlag.FALLBACK | P.CommandFlag.SAFE)
+"""COMMAND flags of a command that is not the policy's (a fallback or the node's safe command)."""
 MIN_PER_CLASS = 20
 PACED_EVERY = 2
 """Paced classes burst after every 2nd command to the robot (s_sync_garbage sends one frame after
@@ -152,7 +156,7 @@ class Gen:
         k = int(self.rng.integers(1, self.obs_dim + 1))
         idx = self.rng.choice(self.obs_dim, k, replace=False)
         obs[idx] = [self.pick(values) for _ in idx]
-        return frame(P.MsgType.STATE, obs, flags=2)
+        return frame(P.MsgType.STATE, obs, flags=RESTART)
 
 
 def _nan_values() -> list[np.float32]:
@@ -198,7 +202,7 @@ def g_count_mismatch(g: Gen) -> bytes:
 def g_wrong_size(g: Gen) -> bytes:
     sizes = (0, 1, 2, g.obs_dim - 1, g.obs_dim + 1, g.obs_dim + 2, g.obs_dim + 8, 64, 4096)
     n = g.pick([k for k in sizes if k != g.obs_dim and k >= 0])
-    return frame(P.MsgType.STATE, g.obs(n), flags=2)
+    return frame(P.MsgType.STATE, g.obs(n), flags=RESTART)
 
 
 def g_nan(g: Gen) -> bytes:
@@ -237,12 +241,12 @@ def g_absurd_seq(g: Gen) -> bytes:
 def g_absurd_t_ns(g: Gen) -> bytes:
     now = P.now_ns()
     t = g.pick([2**63 - 1, 2**62, now + 10**15, now + 10**12, -(2**63), 0, now - 10**15])
-    return g.state(t_ns=t, flags=2)
+    return g.state(t_ns=t, flags=RESTART)
 
 
 def g_state_wrong_type(g: Gen) -> bytes:
     kind = g.pick([P.MsgType.COMMAND, P.MsgType.STATUS, P.MsgType.HEARTBEAT])
-    n = {P.MsgType.COMMAND: g.act_dim, P.MsgType.STATUS: len(STATUS_FIELDS), P.MsgType.HEARTBEAT: 0}[kind]
+    n = {P.MsgType.COMMAND: g.act_dim, P.MsgType.STATUS: len(STATUS_SCALARS), P.MsgType.HEARTBEAT: 0}[kind]
     return frame(kind, g.obs(n), seq=g.monitor.last_ref + 1, ref=g.monitor.last_ref)
 
 
@@ -262,7 +266,7 @@ def g_flood_garbage(g: Gen) -> bytes:
 
 
 def g_flood_valid(g: Gen) -> bytes:
-    return frame(P.MsgType.STATE, g.obs() * 0.5, flags=2)
+    return frame(P.MsgType.STATE, g.obs() * 0.5, flags=RESTART)
 
 
 def g_ctl_bad_header(g: Gen) -> bytes:
@@ -286,7 +290,7 @@ def g_ctl_multipart(g: Gen) -> list[bytes]:
 
 def g_ctl_wrong_type(g: Gen) -> bytes:
     kind = g.pick([P.MsgType.STATE, P.MsgType.COMMAND, P.MsgType.STATUS])
-    n = {P.MsgType.STATE: g.obs_dim, P.MsgType.COMMAND: g.act_dim, P.MsgType.STATUS: len(STATUS_FIELDS)}[kind]
+    n = {P.MsgType.STATE: g.obs_dim, P.MsgType.COMMAND: g.act_dim, P.MsgType.STATUS: len(STATUS_SCALARS)}[kind]
     return frame(kind, g.obs(n), seq=int(g.rng.integers(0, 2**32)))
 
 
@@ -466,7 +470,7 @@ class Monitor(threading.Thread):
         for t, _, ref, flags, _ in reversed(self.cmds[-5000:]):
             if t <= t_ns:
                 break
-            n += (flags & 3) == 0 and ref not in ATTACK_REFS and ref not in exclude
+            n += (flags & NOT_POLICY) == 0 and ref not in ATTACK_REFS and ref not in exclude
         return n
 
     def wait_policy(self, n: int, since_ns: int, timeout_s: float, exclude: set) -> bool:
@@ -568,7 +572,7 @@ class Dealer:
                 break
             msg = self._take(self.sock.recv())
             if msg is not None and msg.type == P.MsgType.STATUS and msg.ref == self.seq & U32:
-                return decode_status(msg.payload)
+                return Status.decode(msg.payload).to_dict()
         raise TimeoutError(f"no STATUS reply to {kind.name} within {timeout_s} s")
 
     def close(self) -> None:
@@ -742,7 +746,7 @@ def run_campaign(model: str | Path, work_dir: str | Path, messages: int = 100_00
     def window(t0: int, t1: int) -> dict:
         cmds = [c for c in monitor.cmds[-50_000:] if t0 <= c[0] <= t1]
         legit = [c for c in cmds if c[2] not in ATTACK_REFS and c[2] not in spoofed]
-        policy = sum(1 for c in legit if c[3] & 3 == 0)
+        policy = sum(1 for c in legit if c[3] & NOT_POLICY == 0)
         secs, nominal = max(1e-9, (t1 - t0) / 1e9), max(1e-9, (t1 - t0) / 1e9 * profile.rate_hz)
         return {"cmds_per_s": round(len(cmds) / secs, 1), "legit_per_s": round(len(legit) / secs, 1),
                 "legit_frac": round(len(legit) / nominal, 3), "policy_frac": round(policy / nominal, 3)}
@@ -956,7 +960,7 @@ def run_campaign(model: str | Path, work_dir: str | Path, messages: int = 100_00
 
     for i, nd in enumerate(nodes):
         (work / f"serve-{i + 1}.log").write_text("\n".join(line for _, line in nd.lines) + "\n")
-    summaries = [json.loads(p.read_text()) for p in sorted(record_dir.glob("summary-*.json"))]
+    summaries = [serve_summary(p) for p in sorted(record_dir.glob("summary-*.json"))]
     summary = summaries[-1] if summaries else {}
     internal_errors = sum(s.get("internal_errors", 0) for s in summaries)
     spoofed_answered = 0

@@ -1,5 +1,6 @@
 """What the campaign scripts share: starting qsm-serve and qsm-sim as separate processes,
-waiting for the node, asking it for its status, reading a process's memory, printing tables.
+waiting for the node, asking it for its status, reading its exit summary and a process's memory,
+printing tables.
 
 The campaigns run the shipped commands (``python -m qsm_robot.cli.serve``, ``python -m
 qsm_robot.robot.node``) exactly as an operator would, so what they measure is what ships.
@@ -22,6 +23,7 @@ from common import print_table, write_csv  # noqa: E402,F401  (re-exported for t
 from qsm_robot.serve import protocol as P  # noqa: E402
 from qsm_robot.serve.client import ControlClient  # noqa: E402
 from qsm_robot.serve.profile import Profile, ProfileError  # noqa: E402
+from qsm_robot.serve.telemetry import ServeSummary  # noqa: E402
 
 SERVE = [sys.executable, "-m", "qsm_robot.cli.serve"]
 SIM = [sys.executable, "-m", "qsm_robot.robot.node"]
@@ -80,6 +82,12 @@ def wait_ready(endpoint: str, proc: subprocess.Popen | None = None, timeout_s: f
         except TimeoutError:
             continue
     raise RuntimeError(f"qsm-serve did not answer on {endpoint} within {timeout_s} s")
+
+
+def serve_summary(path: Path) -> dict:
+    """A qsm-serve exit summary (summary-*.json) as a dict, checked against ServeSummary (its keys
+    are documented there); ValueError when it is not one."""
+    return ServeSummary.load(path).to_dict()
 
 
 def rss_kib(pid: int) -> int:

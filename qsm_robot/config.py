@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qsm_robot.qsm.networks import INITS
-from qsm_robot.qsm.schedules import SCHEDULES
+from qsm_robot.qsm.choices import INITS, SCHEDULES
 
 
 class ConfigError(ValueError):

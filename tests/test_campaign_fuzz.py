@@ -44,7 +44,7 @@ def test_the_monitor_flags_bad_commands_and_the_rate_check_catches_a_jump(tmp_pa
         mon.sock.close(0)
         ctx.term()
     c = lambda seq, v, flags=0, ref=None: (seq, seq, seq if ref is None else ref, flags, np.array([v]))  # noqa: E731
-    check, cmds = RateCheck([0.2]), [c(1, 0.0), c(2, 0.2), c(3, 0.5), c(4, 0.0, flags=2), c(5, 0.1)]
+    check, cmds = RateCheck([0.2]), [c(1, 0.0), c(2, 0.2), c(3, 0.5), c(4, 0.0, flags=int(P.CommandFlag.SAFE)), c(5, 0.1)]
     out = check.run(cmds)  # run() takes the growing list and checks what is new
     assert out["rate_viol"] == 1 and out["rate_checked"] == 3  # 0.2 -> 0.5 jumps; the SAFE command may jump
     cmds += [c(6, 0.3), c(8, 0.9)]

@@ -94,7 +94,7 @@ def test_closed_loop_return_agrees_with_offline_evaluation(model, tmp_path):
     assert "qsm-serve summary" in out
     (record,) = (tmp_path / "rec").glob("flight-*.npz")
     ticks = np.load(record)["ticks"]
-    fallbacks = int(((ticks["flags"] & (1 << 5)) > 0).sum())
+    fallbacks = int(((ticks["flags"] & int(P.TickFlag.FALLBACK)) > 0).sum())
     if robot["commands_late"] == 0 and robot["commands_one_tick_late"] == 0 and fallbacks == 0:
         assert closed == pytest.approx(offline, abs=1e-6)  # every command on time: the same episode
     else:  # one late command changes the trajectory (tests/test_demo.py says more)

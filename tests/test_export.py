@@ -155,6 +155,20 @@ def test_teacher_export_matches_the_torch_sampler(run_dir, tmp_path):
     assert np.abs(session.run(None, {"obs": obs.numpy(), "noise": noise.numpy()})[0] - ref).max() <= 1e-5
 
 
+def test_export_reads_the_replay_observations_the_trainer_checkpointed(run_dir):
+    from qsm_robot.checkpoint_layout import replay_observations
+    from qsm_robot.qsm.policy import resolve_checkpoint
+    from qsm_robot.train.checkpoint import load_train_state
+
+    ckpt, state = load_train_state(run_dir)
+    obs = replay_observations(resolve_checkpoint(run_dir))
+    assert obs is not None and obs.dtype == np.float32 and obs.shape == (300, 5)
+    assert np.array_equal(obs, state["replay"]["obs"].numpy())
+    picked = exporter.replay_states(ckpt, 50, np.random.default_rng(0))
+    assert picked.shape == (50, 5) and all((obs == row).all(1).any() for row in picked)
+    assert replay_observations(ckpt.parent) is None  # a folder without a training state
+
+
 def test_a_broken_student_fails_the_retention_gate_and_leaves_no_file(run_dir, tmp_path, monkeypatch, capsys):
     def broken_distill(teacher, *args, **kwargs):
         student = StudentPolicy(5, 1, 5, steps=1, hidden_dim=8)

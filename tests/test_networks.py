@@ -47,11 +47,10 @@ def _dense_layers(module):
 def test_learner_initialisation_follows_the_config(init):
     """xavier: every dense layer of denoiser, time MLP and critics is Xavier-uniform with zero bias
     (card: "Networks"); the Fourier weights stay N(0, 0.2^2). torch: nn.Linear's default."""
-    from qsm_robot.config import preset_config
-    from qsm_robot.qsm.learner import QSMLearner
+    from qsm_robot.qsm.learner import QSMConfig, QSMLearner
 
     torch.manual_seed(0)
-    cfg = preset_config("reference", init=init, hidden_dim=256).validate()
+    cfg = QSMConfig(init=init, hidden_dim=256)
     learner = QSMLearner(cfg, obs_dim=24, act_dim=6, device=torch.device("cpu"))
     layers = _dense_layers(learner.denoiser) + _dense_layers(learner.critic)
     assert len(layers) == 3 + 2 + 3  # trunk in/hidden/out + time MLP 2 + critic 3 (stacked)

@@ -19,7 +19,6 @@ from qsm_robot.serve.client import ControlClient
 from qsm_robot.serve.node import ServeNode
 from qsm_robot.serve.profile import Profile, ProfileError, check_contract
 from qsm_robot.serve.safety import SafetyChain, SafetyConfig
-from qsm_robot.serve.telemetry import MISS_BIT
 
 
 def profile_dict(tmp_path, **overrides):
@@ -35,7 +34,7 @@ def model_path(tiny_model):
 
 # --- protocol ----------------------------------------------------------------------------------
 def test_message_round_trip():
-    frame = P.encode(P.MsgType.COMMAND, 7, [1.5, -2.0], ref=3, flags=1, t_ns=123)
+    frame = P.encode(P.MsgType.COMMAND, 7, [1.5, -2.0], ref=3, flags=P.CommandFlag.FALLBACK, t_ns=123)
     msg = P.decode(frame)
     assert (msg.type, msg.seq, msg.ref, msg.flags, msg.t_ns) == (P.MsgType.COMMAND, 7, 3, 1, 123)
     assert msg.payload.tolist() == [1.5, -2.0] and len(frame) == 32 + 8
@@ -60,6 +59,90 @@ def test_decode_never_raises_anything_but_protocol_error(frame):
         P.decode(frame)
     except P.ProtocolError:
         pass
+
+
+# --- STATUS ------------------------------------------------------------------------------------
+def full_status(**changes):
+    from qsm_robot.serve.status import SCALARS, Status
+
+    values = {f.name: i + 2**40 for i, f in enumerate(SCALARS)}  # above float32's exact integers
+    values.update(node_state=P.NodeState.SAFE_STOP, p50_us=12.5, p99_us=float("nan"), max_us=1e6 + 0.25,
+                  calibration_id="0a1b2c", latency_budget_ms=1.15, act_dim=2, obs_dim=3,
+                  max_delta_per_tick=(0.25, 0.5), obs_low=None, obs_high=(1.0, 2.0, 3.0))
+    return Status(**{**values, **changes})
+
+
+def test_status_round_trips_exactly_through_a_frame():
+    from qsm_robot.serve.status import Status, payload_values
+
+    status = full_status()
+    frame = P.encode(P.MsgType.STATUS, 9, status.encode(), ref=4)
+    assert len(frame) == P.HEADER_SIZE + 8 * payload_values(2, 3)
+    back = Status.decode(P.decode(frame).payload)
+    assert back.ticks == 2**40 + 1 and back.ticks - 1 == status.ticks - 1  # counters survive exactly
+    assert back.p99_us != back.p99_us and back == full_status(p99_us=back.p99_us)
+    assert Status.decode(full_status(calibration_id=None).encode()).calibration_id is None
+    d = back.to_dict()
+    assert d["node_state"] == "SAFE_STOP" and d["obs_low"] is None and d["max_delta_per_tick"] == [0.25, 0.5]
+    assert json.loads(json.dumps(d, allow_nan=True))["ticks"] == 2**40 + 1
+
+
+@pytest.mark.parametrize("cut", [8, 16, 3])
+def test_a_status_payload_of_the_wrong_size_is_a_protocol_error(cut):
+    from qsm_robot.serve.status import Status
+
+    with pytest.raises(P.ProtocolError):
+        Status.decode(full_status().encode()[:-cut])
+
+
+def test_the_protocol_document_lists_exactly_the_status_fields():
+    from conftest import REPO
+    from qsm_robot.serve.status import markdown_table
+
+    text = (REPO / "docs" / "PROTOCOL.md").read_text()
+    table = text.split("<!-- status-table: begin -->\n", 1)[1].split("\n<!-- status-table: end -->", 1)[0]
+    assert table == markdown_table(), ("docs/PROTOCOL.md's STATUS table is out of date: paste the output of "
+                                       "python -c 'from qsm_robot.serve.status import markdown_table; "
+                                       "print(markdown_table())'")
+
+
+def test_the_operator_side_needs_no_onnxruntime():
+    """The operator client, and qsm-serve status, work on a laptop without onnxruntime."""
+    code = ("import sys; sys.modules['onnxruntime'] = None; "
+            "import qsm_robot.serve.client, qsm_robot.serve.status; from qsm_robot.cli.serve import main; "
+            "rc = main(['status', '--endpoint', 'ipc:///nonexistent/qsm-control.sock', '--timeout', '0.05']); "
+            "assert rc == 2, rc; bad = [m for m, v in sys.modules.items() "
+            "if v is not None and m.startswith(('onnx', 'qsm_robot.serve.node'))]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- state machine -----------------------------------------------------------------------------
+# Written from the node's behaviour (its five state-changing methods before the table existed),
+# independently of serve/state_machine.py. "-": ignored; a state: the next state.
+EXPECTED_TRANSITIONS = """
+state      arm     disarm  estop      good_state  misses     stale      resync     error
+IDLE       ARMED   IDLE    SAFE_STOP  -           -          -          -          FAULT
+ARMED      -       IDLE    SAFE_STOP  RUNNING     -          -          SAFE_STOP  FAULT
+RUNNING    -       IDLE    SAFE_STOP  -           SAFE_STOP  SAFE_STOP  SAFE_STOP  FAULT
+SAFE_STOP  ARMED   IDLE    SAFE_STOP  -           -          -          -          FAULT
+FAULT      -       -       FAULT      -           -          -          -          FAULT
+"""
+
+
+def test_the_transition_table_is_exhaustive_and_as_specified():
+    from qsm_robot.serve.state_machine import TRANSITIONS, Event, next_state
+
+    header, *rows = [line.split() for line in EXPECTED_TRANSITIONS.strip().splitlines()]
+    events = [Event[name.upper()] for name in header[1:]]
+    assert set(events) == set(Event) and {r[0] for r in rows} == {s.name for s in P.NodeState}
+    checked = 0
+    for state_name, *cells in rows:
+        for event, cell in zip(events, cells):
+            want = None if cell == "-" else P.NodeState[cell]
+            assert next_state(P.NodeState[state_name], event) == want, (state_name, event, cell)
+            checked += 1
+    assert checked == len(TRANSITIONS) == len(P.NodeState) * len(Event)
 
 
 # --- safety chain ------------------------------------------------------------------------------
@@ -297,7 +380,7 @@ def test_a_forged_sequence_number_costs_a_resync_and_a_safe_stop_not_the_stream(
     assert node.counters.resyncs == 1 and node.state == P.NodeState.SAFE_STOP
     arm(node)
     node._answer(state_frame(3 + n, np.zeros(5)), time.monotonic_ns())
-    assert node.state == P.NodeState.RUNNING and node.recorder.data[-1]["flags"] & 0b10100001 == 0
+    assert node.state == P.NodeState.RUNNING and node.recorder.data[-1]["flags"] & int(P.TickFlag.STATE_INVALID | P.TickFlag.FALLBACK | P.TickFlag.STALE) == 0
 
 
 def test_a_state_from_the_future_does_not_move_the_clock(node):
@@ -325,12 +408,44 @@ def test_a_policy_past_its_budget_gets_the_fallback_and_repeated_misses_safe_sto
     for seq in range(2, 2 + node.profile.max_consecutive_misses):
         node._answer(state_frame(seq, np.zeros(5)), time.monotonic_ns())
         row = node.recorder.data[-1]
-        assert row["flags"] & MISS_BIT and np.array_equal(row["command"], held)  # hold the last command
+        assert row["flags"] & int(P.TickFlag.MISS) and np.array_equal(row["command"], held)  # hold the last command
         time.sleep(0.012)
     assert node.counters.misses == node.profile.max_consecutive_misses
     assert node.state == P.NodeState.SAFE_STOP
     node._answer(state_frame(100, np.zeros(5)), time.monotonic_ns())
     assert node.recorder.data[-1]["command"][0] == 0.0  # the safe command
+
+
+def test_injected_stalls_are_misses_flagged_as_injected(tmp_path, model_path):
+    from qsm_robot.serve.fault_injection import SpikyRunner
+    from qsm_robot.serve.policy_runner import PolicyRunner
+
+    with pytest.raises(ValueError, match="must be >= 0"):
+        SpikyRunner(object(), -1, 1.0)
+    profile = Profile.from_dict(profile_dict(tmp_path))
+    runner = SpikyRunner(PolicyRunner(model_path), every=3, spike_ms=3 * profile.latency_budget_ms)
+    n = ServeNode(model_path, profile, runner=runner)
+    try:
+        arm(n)
+        for seq in range(1, 7):
+            n._answer(state_frame(seq, np.zeros(5)), time.monotonic_ns())
+        flags = n.recorder.data["flags"].astype(int)
+        injected = (flags & int(P.TickFlag.INJECTED_STALL)) > 0
+        assert injected.tolist() == [False, False, True, False, False, True] and runner.spikes == 2
+        assert ((flags & int(P.TickFlag.MISS)) > 0)[injected].all() and n.counters.misses >= 2
+    finally:
+        n.close()
+
+
+def test_a_node_in_fault_refuses_arm_and_ignores_disarm(node):
+    """FAULT is left only by a restart: not by ARM, DISARM, nor ARM after an e-stop."""
+    from qsm_robot.serve.state_machine import Event
+
+    node._event(Event.ERROR, "test")
+    assert node.state == P.NodeState.FAULT and not node.arm("test") and node.state == P.NodeState.FAULT
+    assert not node._event(Event.DISARM, "test") and node.state == P.NodeState.FAULT
+    node._event(Event.ESTOP, "test")
+    assert node.state == P.NodeState.FAULT and not node.arm("test") and node.state == P.NodeState.FAULT
 
 
 def test_stale_states_are_not_acted_on(node):

@@ -34,10 +34,11 @@ import numpy as np
 
 from qsm_robot.calibrate.record import CalibrationError, CalibrationRecord, SafetyValues, file_sha256
 from qsm_robot.serve.profile import Profile, check_contract
-from qsm_robot.serve.telemetry import FLAG_NAMES, percentiles
+from qsm_robot.serve.protocol import NodeState, TickFlag
+from qsm_robot.serve.telemetry import percentiles
 
-FALLBACK_BIT = 1 << FLAG_NAMES.index("fallback")
-UNUSABLE_BITS = (1 << FLAG_NAMES.index("state_invalid")) | (1 << FLAG_NAMES.index("stale"))
+FALLBACK_BIT = int(TickFlag.FALLBACK)
+UNUSABLE_BITS = int(TickFlag.STATE_INVALID | TickFlag.STALE)
 
 
 @dataclass
@@ -220,7 +221,7 @@ def calibrate(model: str | Path, profile_path: str | Path, opts: CalibrateOption
     budget_ms, latency_section = propose_budget(latency, profile.period_s, opts)
 
     rows, report = run_closed_loop(model, dataclasses.replace(profile, latency_budget_ms=budget_ms), opts, log)
-    running = rows[rows["node_state"] == 2]  # NodeState.RUNNING
+    running = rows[rows["node_state"] == int(NodeState.RUNNING)]
     usable = running[(running["flags"] & UNUSABLE_BITS) == 0]
     policy = running[(running["flags"] & (FALLBACK_BIT | UNUSABLE_BITS)) == 0]
     commands, consecutive = command_sequence(policy, profile.safe_command)

@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                      "--delta-margin", str(a.delta_margin),
                      "--episode-steps", str(episode_steps)])
     if rc != 0:
+        print("qsm-demo: calibration refused (above). If it refused the latency budget, this machine was busy: "
+              "run the demo again when it is quieter, or let the budget use more of the period with "
+              f"--max-budget-fraction 0.9 (the demo folder {out} must be removed or another --out given)",
+              file=sys.stderr)
         return rc
 
     print(f"\n== 5/5 qsm-serve + qsm-sim: {a.robot_episodes} episode(s) of {episode_steps} steps in real time "
@@ -193,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     served_profile, _ = load_calibrated_profile(str(model), str(profile_path), str(calibration))
     offline = offline_returns(session, contract, served_profile, a.robot_episodes, episode_steps)
     (serve_summary,) = (out / "serve").glob("summary-*.json")
-    node = json.loads(serve_summary.read_text())
+    from qsm_robot.serve.telemetry import ServeSummary
+
+    node = ServeSummary.load(serve_summary).to_dict()
     # As offline: every command the robot applied was the node's on-time answer (policy and safety
     # chain) to the state it had just sent: no late command, no fallback for a missed deadline.
     on_time = robot["commands_late"] == 0 and robot["commands_one_tick_late"] == 0 and node["fallbacks"] == 0

@@ -28,7 +28,7 @@ def _fail(msg: str) -> int:
 
 def _status_line(node) -> None:
     lat = node.latency_us(last=2000)
-    rate = getattr(node, "_rate", 0.0)
+    rate = node.rate_hz
     calib = f"calib {node.calibration_id}" if node.calibration_id else "uncalibrated"
     line = (f"{node.state.name:9s} {rate:7.1f} Hz {calib} | node latency p50 {lat['p50']:6.0f} us p99 {lat['p99']:6.0f} us "
             f"max {lat['max']:6.0f} us | miss {node.counters.misses} stale {node.counters.stale} "
@@ -63,15 +63,20 @@ def run(args) -> int:
     from qsm_robot.files import atomic_write_text
     from qsm_robot.serve.node import ServeNode, install_signal_handlers
     from qsm_robot.serve.profile import ProfileError
-    from qsm_robot.serve.telemetry import plot_histogram
+    from qsm_robot.serve.telemetry import ServeSummary, plot_histogram
 
     if not Path(args.model).is_file():
         return _fail(f"model {args.model} does not exist (write one with qsm-export)")
     try:
         profile, record = load_calibrated_profile(args.model, args.profile, args.calibration)
+        runner = None
+        if args.inject_spike_every or args.inject_spike_ms:  # fault injection (campaigns)
+            from qsm_robot.serve.fault_injection import SpikyRunner
+            from qsm_robot.serve.policy_runner import PolicyRunner
+
+            runner = SpikyRunner(PolicyRunner(args.model, seed=args.seed), args.inject_spike_every, args.inject_spike_ms)
         node = ServeNode(args.model, profile, seed=args.seed, allow_remote=args.allow_remote,
-                         spike_every=args.inject_spike_every, spike_ms=args.inject_spike_ms,
-                         calibration_id=record.short_id if record else None)
+                         calibration_id=record.short_id if record else None, runner=runner)
     except (ProfileError, ContractError, CalibrationError, ValueError) as exc:
         return _fail(str(exc))
     except Exception as exc:  # onnxruntime's load errors, zmq's bind errors
@@ -88,17 +93,9 @@ def run(args) -> int:
     if args.arm:
         node.arm("armed at start (--arm)")
 
-    last = {"t": time.monotonic(), "ticks": 0}
-
-    def status(n):
-        t = time.monotonic()
-        n._rate = (n.counters.ticks - last["ticks"]) / (t - last["t"])
-        last.update(t=t, ticks=n.counters.ticks)
-        _status_line(n)
-
     t0 = time.monotonic()
     try:
-        node.run(duration_s=args.duration, status=status)
+        node.run(duration_s=args.duration, status=_status_line)
     finally:
         wall = time.monotonic() - t0
         node.close()
@@ -111,19 +108,11 @@ def run(args) -> int:
     png = plot_histogram(npz)
     lat = node.latency_us(last=None)
     s = node.safety.counts
-    summary = {
-        "wall_s": round(wall, 3), "states_answered": node.counters.ticks, "mean_rate_hz": round(node.answered_rate_hz(), 3),
-        "profile_rate_hz": profile.rate_hz, "node_latency_us": {k: round(v, 1) for k, v in lat.items()},
-        "misses": node.counters.misses, "over_budget": node.counters.over_budget, "stale": node.counters.stale, **s,
-        "malformed": node.counters.malformed, "replayed": node.counters.replayed,
-        "clock_jumps": node.counters.clock_jumps, "resyncs": node.counters.resyncs, "safe_stops": node.counters.safe_stops,
-        "safe_stop_reasons": node.counters.reasons[:20], "internal_errors": node.counters.errors,
-        "injected_stalls": node.runner.spikes, "final_state": node.state.name, "flight_record": str(npz),
-    }
-    atomic_write_text(out / f"summary-{stamp}.json", json.dumps(summary, indent=2))
+    summary = ServeSummary.from_node(node, wall, npz)
+    atomic_write_text(out / f"summary-{stamp}.json", summary.to_json())
     rows = [
         ("wall time", f"{wall:.1f} s"), ("states answered", node.counters.ticks),
-        ("mean rate", f"{summary['mean_rate_hz']:.1f} Hz while states came (profile {profile.rate_hz:g} Hz)"),
+        ("mean rate", f"{summary.mean_rate_hz:.1f} Hz while states came (profile {profile.rate_hz:g} Hz)"),
         ("node latency", f"p50 {lat['p50']:.0f} us, p99 {lat['p99']:.0f} us, p99.9 {lat['p99.9']:.0f} us, max {lat['max']:.0f} us"),
         ("deadline misses", node.counters.misses),
         ("sent past the budget", f"{node.counters.over_budget} (policy in time, then the send was late)"), ("stale", node.counters.stale), ("fallbacks", s["fallbacks"]),
@@ -131,14 +120,14 @@ def run(args) -> int:
         ("invalid states / actions", f"{s['state_invalid']} / {s['action_invalid']}"),
         ("malformed / replayed msgs", f"{node.counters.malformed} / {node.counters.replayed}"),
         ("clock jumps / re-syncs", f"{node.counters.clock_jumps} / {node.counters.resyncs}"),
-        ("out of envelope", s["obs_out_of_range"]), ("safe-stops", f"{node.counters.safe_stops} {node.counters.reasons[:3]}"),
+        ("out of envelope", s["obs_out_of_range"]), ("safe-stops", f"{node.counters.safe_stops} {list(node.counters.reasons)[:3]}"),
         ("internal errors", node.counters.errors), ("final state", node.state.name),
         ("flight record", f"{npz} (last {len(node.recorder.data)} ticks)"),
         ("latency histogram", png or "matplotlib not installed: qsm-serve plot " + str(npz)),
         ("summary", out / f"summary-{stamp}.json"),
     ]
-    if node.runner.spike_every:
-        rows.insert(5, ("injected stalls", f"{node.runner.spikes} (every {node.runner.spike_every}th call)"))
+    if runner is not None and runner.every:
+        rows.insert(5, ("injected stalls", f"{runner.spikes} (every {runner.every}th call)"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(["== qsm-serve summary =="] + [f"{k:<{width}}  {v}" for k, v in rows]))
     return 0

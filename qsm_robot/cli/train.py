@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
 
     # Imports that pull in torch, mujoco and friends come after the arguments are checked.
-    from qsm_robot.train.checkpoint import atomic_write_text
+    from qsm_robot.files import atomic_write_text
     from qsm_robot.train.loop import RunDirError, Trainer, prepare_run_dir
 
     try:

@@ -1,4 +1,4 @@
-"""dm_control suite tasks as gymnasium environments."""
+"""dm_control suite tasks as gymnasium environments, and policy episodes in them."""
 
 from qsm_robot.envs.dmc import (
     UnknownTaskError,
@@ -8,6 +8,7 @@ from qsm_robot.envs.dmc import (
     make_env,
     set_env_state,
 )
+from qsm_robot.envs.rollout import run_episodes
 
 __all__ = [
     "UnknownTaskError",
@@ -15,5 +16,6 @@ __all__ = [
     "get_env_state",
     "list_tasks",
     "make_env",
+    "run_episodes",
     "set_env_state",
 ]

@@ -18,13 +18,13 @@ import numpy as np
 import onnx
 import torch
 
-from qsm_robot.envs import make_env
-from qsm_robot.files import atomic_write, atomic_write_text
+from qsm_robot.checkpoint_layout import replay_observations
+from qsm_robot.envs import make_env, run_episodes
 from qsm_robot.export.contract import ModelContract
 from qsm_robot.export.runtime import latency_us, make_session
 from qsm_robot.export.student import ActuatorPolicy, TeacherSampler, distill
-from qsm_robot.qsm.policy import load_policy, resolve_checkpoint
-from qsm_robot.train.evaluate import evaluate
+from qsm_robot.files import atomic_write, atomic_write_text
+from qsm_robot.qsm.policy import CheckpointError, load_policy, resolve_checkpoint
 
 OPSET = 17
 IR_VERSION = 8  # onnx 1.23 would write 14 by default; onnxruntime 1.31 loads up to 13
@@ -82,24 +82,16 @@ def teacher_sha256(checkpoint: Path) -> str:
 
 
 def replay_states(checkpoint: Path, limit: int, rng: np.random.Generator) -> np.ndarray | None:
-    """Observations from the run's replay buffer, if the checkpoint has one."""
-    path = checkpoint / "train_state.safetensors"
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="np") as f:
-        if "state.replay.obs" not in f.keys():
-            return None
-        obs = f.get_tensor("state.replay.obs")
-    if len(obs) > limit:
+    """At most ``limit`` observations from the run's replay buffer, if the checkpoint has one."""
+    obs = replay_observations(checkpoint)
+    if obs is not None and len(obs) > limit:
         obs = obs[rng.choice(len(obs), limit, replace=False)]
-    return obs.astype(np.float32)
+    return obs
 
 
 def rollout(policy_fn, task: str, action_repeat: int, episodes: int, seed: int, record=None, rescale=True) -> list[float]:
     envs = [make_env(task, seed=seed + i, action_repeat=action_repeat, rescale_actions=rescale) for i in range(episodes)]
-    return evaluate(policy_fn, envs, record)
+    return run_episodes(policy_fn, envs, record)
 
 
 def torch_policy_fn(module: torch.nn.Module, noise_shape: tuple, rng: np.random.Generator):
@@ -167,8 +159,6 @@ def check_parity(session, module, states: np.ndarray, noise_shape: tuple, n: int
 
 def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportReport:
     """The whole of qsm-export. Raises ExportError (nothing left at ``opts.out``) on failure."""
-    from qsm_robot.qsm.policy import CheckpointError
-
     try:
         checkpoint = resolve_checkpoint(source)
         teacher = load_policy(checkpoint, device="cpu")
@@ -210,7 +200,7 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
     else:
         t0 = time.perf_counter()
         sampler, losses = distill(
-            teacher, torch.from_numpy(states), T, opts.student_steps, opts.student_hidden, opts.student_layers,
+            teacher, torch.from_numpy(states), opts.student_steps, opts.student_hidden, opts.student_layers,
             opts.student_activation, opts.distill_iterations, opts.distill_batch, seed=opts.seed, progress=opts.progress,
         )
         report.distill_seconds = round(time.perf_counter() - t0, 1)

@@ -97,7 +97,6 @@ def bounded_regression_loss(raw: torch.Tensor, target: torch.Tensor) -> torch.Te
 def distill(
     teacher: DiffusionPolicy,
     states: torch.Tensor,
-    steps: int,
     student_steps: int = 1,
     hidden_dim: int = 256,
     num_layers: int = 2,

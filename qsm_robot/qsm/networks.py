@@ -127,11 +127,6 @@ class EnsembleLinear(nn.Module):
         return torch.stack([torch.addmm(b, xi, w) for b, xi, w in zip(self.bias, x, self.weight)])
 
 
-INITS = ("xavier", "torch")
-"""Weight initialisations: ``xavier`` (the reference implementation's: Xavier-uniform weights and zero
-biases in every dense layer, Fourier features N(0, 0.2^2)) or ``torch`` (nn.Linear's default)."""
-
-
 def xavier_init_(module: nn.Module) -> nn.Module:
     """Xavier-uniform weights and zero biases for every dense layer in ``module`` (card: "Networks").
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-SCHEDULES = ("vp", "linear", "cosine")
+from qsm_robot.qsm.choices import SCHEDULES
 
 
 def make_betas(name: str, T: int) -> torch.Tensor:

@@ -4,29 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import zmq
 
 from qsm_robot.serve import protocol as P
 from qsm_robot.serve.auth import AuthError, secure_client
-from qsm_robot.serve.node import STATUS_FIELDS
-
-
-def decode_status(payload: np.ndarray) -> dict:
-    """A STATUS payload as a dict: the counters, then the safety chain's limits as lists (None when off)."""
-    values = payload.tolist()
-    status = dict(zip(STATUS_FIELDS, values))
-    status["node_state"] = P.NodeState(int(status["node_state"])).name
-    if len(values) > len(STATUS_FIELDS):
-        cid = int(status["calibration_id"])
-        status["calibration_id"] = f"{cid:06x}" if cid else None
-        act, obs = int(status["act_dim"]), int(status["obs_dim"])
-        tail = values[len(STATUS_FIELDS):]
-        limits = {"max_delta_per_tick": tail[:act], "obs_low": tail[act:act + obs], "obs_high": tail[act + obs:act + 2 * obs]}
-        for name, v in limits.items():
-            status[name] = None if not v or all(x != x for x in v) else [float(f"{x:.6g}") for x in v]
-        status["latency_budget_ms"] = float(f"{status['latency_budget_ms']:.6g}")
-    return status
+from qsm_robot.serve.status import Status
 
 
 class ControlClient:
@@ -45,8 +27,12 @@ class ControlClient:
         self.sock.connect(endpoint)
         self.seq = 0
 
-    def send(self, kind: P.MsgType) -> dict[str, float]:
-        """Send one control message; return the node's status reply as a dict."""
+    def send(self, kind: P.MsgType) -> dict:
+        """Send one control message; return the node's status reply as a dict (``Status.to_dict``)."""
+        return self.request(kind).to_dict()
+
+    def request(self, kind: P.MsgType) -> Status:
+        """Send one control message; return the node's status reply."""
         self.seq += 1
         self.sock.send(P.encode(kind, self.seq))
         while True:
@@ -55,7 +41,7 @@ class ControlClient:
             except zmq.Again:
                 raise TimeoutError("no status reply from the node (is qsm-serve running on that endpoint?)") from None
             if msg.type == P.MsgType.STATUS and msg.ref == self.seq:
-                return decode_status(msg.payload)
+                return Status.decode(msg.payload)
 
     def close(self) -> None:
         self.sock.close(0)

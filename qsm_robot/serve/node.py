@@ -6,10 +6,11 @@ status) runs on an absolute schedule of the monotonic clock: deadline k is t0 + 
 never "one period after the work". At most one state is evaluated per half period, so a flood
 of states cannot drive the policy faster than twice the nominal rate.
 
-States: IDLE -> (ARM) -> ARMED -> (first good state) -> RUNNING; ESTOP, too many consecutive
-misses or stale ticks -> SAFE_STOP (ARM to leave); DISARM -> IDLE. An unexpected error inside a
-tick -> FAULT (the node keeps answering with the safe command; restart to leave). Every state
-is answered: with the policy's command while RUNNING, with the safe command otherwise.
+States (serve/state_machine.py holds the whole table): IDLE -> (ARM) -> ARMED -> (first good
+state) -> RUNNING; ESTOP, too many consecutive misses, stale ticks or rejected states (re-sync)
+-> SAFE_STOP (ARM to leave); DISARM -> IDLE. An unexpected error inside a tick -> FAULT (the node
+keeps answering with the safe command; restart to leave). Every state is answered: with the
+policy's command while RUNNING, with the safe command otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import gc
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,16 +31,9 @@ from qsm_robot.serve.auth import CurveServer
 from qsm_robot.serve.policy_runner import PolicyRunner
 from qsm_robot.serve.profile import Profile, check_contract
 from qsm_robot.serve.safety import SafetyChain, SafetyConfig
-from qsm_robot.serve.telemetry import INJECTED_BIT, MISS_BIT, STALE_BIT, FlightRecorder, percentiles
-
-STATUS_FIELDS = ("node_state", "ticks", "misses", "stale", "fallbacks", "bounds_clamped", "rate_clamped",
-                 "state_invalid", "action_invalid", "obs_out_of_range", "malformed", "p50_us", "p99_us", "max_us",
-                 "replayed", "clock_jumps", "resyncs", "over_budget", "auth_denied", "calibration_id",
-                 "latency_budget_ms", "act_dim", "obs_dim")
-"""STATUS payload: these fields, then the safety chain's limits: max_delta_per_tick [act_dim]
-(NaN: rate limiter off), obs_low [obs_dim] and obs_high [obs_dim] (NaN: no envelope).
-calibration_id: the record's short id as an integer (0: no record)."""
-
+from qsm_robot.serve.state_machine import Event, next_state
+from qsm_robot.serve.status import Status
+from qsm_robot.serve.telemetry import FlightRecorder, percentiles
 
 POLL_SLACK_NS = 1_000_000
 """How late periodic work may run: the loop waits in poll(), which counts whole milliseconds."""
@@ -59,18 +54,19 @@ class Counters:
     clock_jumps: int = 0
     over_budget: int = 0
     resyncs: int = 0
-    deferred: int = 0
-    overruns: int = 0
     safe_stops: int = 0
     errors: int = 0
-    reasons: list = field(default_factory=list)
+    reasons: deque = field(default_factory=lambda: deque(maxlen=20))
+    """The reasons of the last 20 safe-stops (fixed memory however long the node runs)."""
 
 
 class ServeNode:
     def __init__(self, model: str | Path, profile: Profile, seed: int = 0, log=None, allow_remote: bool = False,
-                 spike_every: int = 0, spike_ms: float = 0.0, calibration_id: str | None = None):
+                 calibration_id: str | None = None, runner: PolicyRunner | None = None):
         """profile: with a calibration record's values already applied (``CalibrationRecord.apply``);
-        calibration_id: that record's short id, reported in the status."""
+        calibration_id: that record's short id, reported in the status; runner: the policy runner
+        (default ``PolicyRunner(model, seed)``; fault injection passes a wrapped one,
+        ``serve/fault_injection.py``)."""
         self.profile, self.log = profile, log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.calibration_id = calibration_id
         remote = [f"{name}={endpoint}" for name, endpoint in vars(profile.endpoints).items() if not is_loopback(endpoint)]
@@ -81,7 +77,7 @@ class ServeNode:
                                  "unauthenticated")
             self.log(f"qsm-serve: WARNING: {', '.join(remote)} bound beyond this host WITHOUT authentication: anyone "
                      "who can reach it can send states and arm, disarm or e-stop the node. Configure 'curve'.")
-        self.runner = PolicyRunner(model, seed=seed, spike_every=spike_every, spike_ms=spike_ms)
+        self.runner = runner if runner is not None else PolicyRunner(model, seed=seed)
         check_contract(profile, self.runner.contract)
         self.safety = SafetyChain(SafetyConfig.from_profile(profile))
         self.state = P.NodeState.IDLE
@@ -102,6 +98,8 @@ class ServeNode:
         self._pending: tuple[bytes, int] | None = None
         self.spin_ns = int(profile.spin_us * 1e3)
         self._expected_ns: int | None = None  # when the next state should arrive
+        self._rate_hz = 0.0
+        self._rate_mark: tuple[int, int] | None = None  # (time, ticks) at the last status interval
 
         self.ctx = zmq.Context.instance()
         self.curve = CurveServer(self.ctx, profile.curve) if profile.curve is not None else None
@@ -126,7 +124,16 @@ class ServeNode:
         return sock
 
     # --- state machine ---------------------------------------------------------------------
+    def _event(self, event: Event, reason: str) -> bool:
+        """Apply ``event`` through the transition table; False when the table ignores it here."""
+        state = next_state(self.state, event)
+        if state is None:
+            return False
+        self._enter(state, reason)
+        return True
+
     def _enter(self, state: P.NodeState, reason: str) -> None:
+        """Only through _event (the table); logs and counts a change, resets the miss/stale runs."""
         if state != self.state:
             self.log(f"qsm-serve: {self.state.name} -> {state.name}: {reason}")
             if state == P.NodeState.SAFE_STOP:
@@ -158,45 +165,59 @@ class ServeNode:
             if msg.type == P.MsgType.ARM:
                 self.arm("arm requested")
             elif msg.type == P.MsgType.DISARM:
-                if self.state != P.NodeState.FAULT:
-                    self._enter(P.NodeState.IDLE, "disarm requested")
+                self._event(Event.DISARM, "disarm requested")
             elif msg.type == P.MsgType.ESTOP:
-                self._enter(P.NodeState.SAFE_STOP, "e-stop")
+                self._event(Event.ESTOP, "e-stop")
             elif msg.type != P.MsgType.HEARTBEAT:
                 self.counters.malformed += 1
                 continue
             try:
-                reply = P.encode(P.MsgType.STATUS, self._status_seq + 1, self.status_values(), ref=msg.seq)
+                reply = P.encode(P.MsgType.STATUS, self._status_seq + 1, self.status().encode(), ref=msg.seq)
                 self.control_sock.send_multipart([identity, reply], zmq.NOBLOCK)
                 self._status_seq += 1
             except zmq.Again:
                 pass
 
     def arm(self, reason: str) -> bool:
-        """IDLE or SAFE_STOP -> ARMED (the soft-start ramp begins); refused in FAULT."""
-        if self.state == P.NodeState.FAULT:
-            self.log("qsm-serve: ARM refused: the node is in FAULT; restart it")
-            return False
-        if self.state in (P.NodeState.IDLE, P.NodeState.SAFE_STOP):
-            self.safety.arm()
-            self._last_good_ns = None
-            self._enter(P.NodeState.ARMED, reason)
+        """IDLE or SAFE_STOP -> ARMED (the soft-start ramp begins); ignored when ARMED or RUNNING;
+        refused (False) in FAULT."""
+        if next_state(self.state, Event.ARM) is None:
+            if self.state == P.NodeState.FAULT:
+                self.log("qsm-serve: ARM refused: the node is in FAULT; restart it")
+                return False
+            return True
+        self.safety.arm()
+        self._last_good_ns = None
+        self._event(Event.ARM, reason)
         return True
 
-    def status_values(self) -> list[float]:
+    def status(self) -> Status:
+        """What a STATUS reply carries."""
         c, s, cfg = self.counters, self.safety.counts, self.safety.cfg
         now = time.monotonic_ns()
         if now - self._latency_cache[0] > 100_000_000:  # percentiles at most every 100 ms: requests are cheap
             self._latency_cache = (now, self.latency_us())
         lat = self._latency_cache[1]
-        nan_if_none = lambda v, n: [float("nan")] * n if v is None else list(v)  # noqa: E731
-        return [int(self.state), c.ticks, c.misses, c.stale, s["fallbacks"], s["bounds_clamped"], s["rate_clamped"],
-                s["state_invalid"], s["action_invalid"], s["obs_out_of_range"], c.malformed,
-                lat["p50"], lat["p99"], lat["max"], c.replayed, c.clock_jumps, c.resyncs, c.over_budget,
-                self.curve.denied if self.curve else 0,
-                int(self.calibration_id, 16) if self.calibration_id else 0, self.profile.latency_budget_ms,
-                cfg.act_dim, cfg.obs_dim, *nan_if_none(cfg.max_delta, cfg.act_dim),
-                *nan_if_none(cfg.obs_low, cfg.obs_dim), *nan_if_none(cfg.obs_high, cfg.obs_dim)]
+        vec = lambda v: None if v is None else tuple(float(x) for x in v)  # noqa: E731
+        return Status(node_state=self.state, ticks=c.ticks, misses=c.misses, stale=c.stale, fallbacks=s["fallbacks"],
+                      bounds_clamped=s["bounds_clamped"], rate_clamped=s["rate_clamped"],
+                      state_invalid=s["state_invalid"], action_invalid=s["action_invalid"],
+                      obs_out_of_range=s["obs_out_of_range"], malformed=c.malformed, p50_us=lat["p50"],
+                      p99_us=lat["p99"], max_us=lat["max"], replayed=c.replayed, clock_jumps=c.clock_jumps,
+                      resyncs=c.resyncs, over_budget=c.over_budget, auth_denied=self.curve.denied if self.curve else 0,
+                      calibration_id=self.calibration_id, latency_budget_ms=self.profile.latency_budget_ms,
+                      act_dim=cfg.act_dim, obs_dim=cfg.obs_dim, max_delta_per_tick=vec(cfg.max_delta),
+                      obs_low=vec(cfg.obs_low), obs_high=vec(cfg.obs_high))
+
+    @property
+    def rate_hz(self) -> float:
+        """States answered per second over the last status interval of ``run`` (0 before the first)."""
+        return self._rate_hz
+
+    def _mark_rate(self, now: int) -> None:
+        if self._rate_mark is not None and now > self._rate_mark[0]:
+            self._rate_hz = (self.counters.ticks - self._rate_mark[1]) / ((now - self._rate_mark[0]) / 1e9)
+        self._rate_mark = (now, self.counters.ticks)
 
     def answered_rate_hz(self) -> float:
         """States answered per second, from the first to the last answered state."""
@@ -231,9 +252,8 @@ class ServeNode:
         resync = restart or self._consecutive_rejected >= self.profile.max_consecutive_stale
         if resync and not restart:
             self.counters.resyncs += 1
-            if self.state in (P.NodeState.ARMED, P.NodeState.RUNNING):
-                self._enter(P.NodeState.SAFE_STOP, f"re-synchronised to the state stream after "
-                                                   f"{self._consecutive_rejected} rejected states: ARM to continue")
+            self._event(Event.RESYNC, f"re-synchronised to the state stream after {self._consecutive_rejected} "
+                                      "rejected states: ARM to continue")
         if self._last_state_seq is not None and msg.seq <= self._last_state_seq and not resync:
             self.counters.replayed += 1  # old, replayed or out-of-order: never act on it
             self._consecutive_rejected += 1
@@ -269,14 +289,14 @@ class ServeNode:
         stale = age > self.stale_ns
         if stale:
             self.counters.stale += 1
-            flags |= STALE_BIT
+            flags |= P.TickFlag.STALE
             usable = False
         if usable:
             self._last_good_ns = t_recv
         policy_us = float("nan")
         cmd_flags = 0
-        if self.state == P.NodeState.ARMED and usable:
-            self._enter(P.NodeState.RUNNING, "first good state after arming")
+        if usable:
+            self._event(Event.GOOD_STATE, "first good state after arming")
         if self.state == P.NodeState.RUNNING:
             if not usable:
                 result = self.safety.fallback_command(flags)
@@ -286,12 +306,12 @@ class ServeNode:
                 action = self.runner.run(obs, (self.budget_ns - (time.monotonic_ns() - t_recv)) / 1e9)
                 if action is not None and time.monotonic_ns() - t_recv > self.budget_ns:
                     action = None  # finished, but past the budget: too late to use
-                if self.runner.stalled:
-                    flags |= INJECTED_BIT
+                if getattr(self.runner, "stalled", False):  # fault injection (SpikyRunner)
+                    flags |= P.TickFlag.INJECTED_STALL
                 if action is None:
                     self.counters.misses += 1
                     self._consecutive_misses += 1
-                    result = self.safety.fallback_command(flags | MISS_BIT)
+                    result = self.safety.fallback_command(flags | P.TickFlag.MISS)
                 else:
                     policy_us = self.runner.last_run_us
                     result = self.safety.filter_action(action, flags)
@@ -299,9 +319,9 @@ class ServeNode:
             command, flags = result.command, result.flags
             cmd_flags = int(P.CommandFlag.FALLBACK) if result.fallback else 0
             if self._consecutive_misses >= self.profile.max_consecutive_misses:
-                self._enter(P.NodeState.SAFE_STOP, f"{self._consecutive_misses} consecutive deadline misses or bad actions")
+                self._event(Event.MISSES, f"{self._consecutive_misses} consecutive deadline misses or bad actions")
             elif self._consecutive_stale >= self.profile.max_consecutive_stale:
-                self._enter(P.NodeState.SAFE_STOP, f"{self._consecutive_stale} consecutive stale or invalid states")
+                self._event(Event.STALE, f"{self._consecutive_stale} consecutive stale or invalid states")
         else:
             command = self.safety.safe_command()
             cmd_flags = int(P.CommandFlag.SAFE)
@@ -322,7 +342,7 @@ class ServeNode:
             self._consecutive_stale += 1
             # The next check comes a period later, plus up to POLL_SLACK_NS (poll() rounds up).
             if now - self._last_good_ns + self.period_ns + POLL_SLACK_NS >= self.no_state_limit_ns:
-                self._enter(P.NodeState.SAFE_STOP, f"no fresh state for {(now - self._last_good_ns) / 1e6:.1f} ms")
+                self._event(Event.STALE, f"no fresh state for {(now - self._last_good_ns) / 1e6:.1f} ms")
 
     def request_stop(self, *_) -> None:
         self._stop = True
@@ -335,6 +355,7 @@ class ServeNode:
         start = deadline = time.monotonic_ns()
         end = None if duration_s is None else start + int(duration_s * 1e9)
         next_status = start + int(status_every_s * 1e9)
+        self._mark_rate(start)
         min_gap = self.period_ns // 2
         while not self._stop and (end is None or time.monotonic_ns() < end):
             now = time.monotonic_ns()
@@ -375,21 +396,19 @@ class ServeNode:
                         self._last_eval_ns = now
                         self._expected_ns = t_recv + self.period_ns
                         self._act(msg, age, t_recv)
-                    else:
-                        self.counters.deferred += 1
                 if self.control_sock in events:
                     self._handle_control()  # after the state: a control flood cannot delay an answer
                 if now >= deadline + self.period_ns:
-                    passed = (now - deadline) // self.period_ns
-                    self.counters.overruns += max(0, passed - 1)
-                    deadline += passed * self.period_ns
+                    deadline += (now - deadline) // self.period_ns * self.period_ns
                     self._periodic(now)
-                if status is not None and now >= next_status:
+                if now >= next_status:
                     next_status += int(status_every_s * 1e9)
-                    status(self)
+                    self._mark_rate(now)
+                    if status is not None:
+                        status(self)
             except Exception as exc:  # never let the loop die: go to FAULT and keep answering safely
                 self.counters.errors += 1
-                self._enter(P.NodeState.FAULT, f"internal error: {type(exc).__name__}: {exc}")
+                self._event(Event.ERROR, f"internal error: {type(exc).__name__}: {exc}")
         # Hand over: one last safe command, then the robot's watchdog is in charge.
         self._cmd_seq += 1
         self.command_sock.send(P.encode(P.MsgType.COMMAND, self._cmd_seq, self.safety.safe_command(),

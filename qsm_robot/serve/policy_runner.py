@@ -5,8 +5,7 @@ which costs a wake-up of hundreds of microseconds on an idle core). A watchdog t
 for each call, sets onnxruntime's ``RunOptions.terminate`` when the budget runs out; the run then
 aborts and the caller gets None and sends its fallback command.
 
-Fault injection (campaigns): ``spike_every=N, spike_ms=X`` stalls every Nth call for X ms
-before onnxruntime starts, inside the budgeted section, as a slow host would.
+Fault injection (tests, campaigns) wraps this runner: ``serve/fault_injection.py``.
 """
 
 from __future__ import annotations
@@ -23,18 +22,12 @@ from qsm_robot.export.runtime import make_session, read_contract
 
 
 class PolicyRunner:
-    def __init__(self, model: str | Path, seed: int = 0, warmup: int = 200, spike_every: int = 0, spike_ms: float = 0.0):
-        if spike_every < 0 or spike_ms < 0:
-            raise ValueError(f"spike_every and spike_ms must be >= 0, got {spike_every} and {spike_ms}")
-        self.spike_every, self.spike_s, self.calls, self.spikes = spike_every, spike_ms / 1e3, 0, 0
-        self.stalled = False
-        """Whether the last call carried an injected stall (flight record bit INJECTED_BIT)."""
+    def __init__(self, model: str | Path, seed: int = 0, warmup: int = 200):
         self.session = make_session(model)
         self.contract: ModelContract = read_contract(self.session)
         self.noise_shape = (1, self.contract.teacher_steps, self.contract.io.act_dim)
         self.rng = np.random.default_rng(seed)
         self.last_run_us = float("nan")
-        self.terminated = 0
         self._options = ort.RunOptions()
         self._cv = threading.Condition()
         self._deadline_ns: int | None = None
@@ -62,28 +55,20 @@ class PolicyRunner:
     def run(self, obs: np.ndarray, budget_s: float) -> np.ndarray | None:
         """One action for obs [obs_dim], or None if the budget ran out (or the model failed)."""
         noise = self.rng.standard_normal(self.noise_shape, dtype=np.float32)
-        self.stalled = False
         if budget_s <= 0:
             return None
         t = time.perf_counter_ns()
         with self._cv:
             self._deadline_ns = time.monotonic_ns() + int(budget_s * 1e9)
             self._cv.notify()
-        self.calls += 1
-        self.stalled = bool(self.spike_every) and self.calls % self.spike_every == 0
         try:
-            if self.stalled:
-                self.spikes += 1
-                time.sleep(self.spike_s)  # injected stall: the watchdog terminates the run below
             action = self.session.run(None, {"obs": obs.reshape(1, -1).astype(np.float32), "noise": noise}, self._options)[0][0]
         except Exception:  # terminated at the budget, or a failing model: the caller falls back
             action = None
         finally:
             with self._cv:
                 self._deadline_ns = None
-                if self._options.terminate:
-                    self.terminated += 1
-                    self._options.terminate = False
+                self._options.terminate = False
         self.last_run_us = (time.perf_counter_ns() - t) / 1e3
         return action
 

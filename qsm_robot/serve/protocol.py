@@ -1,7 +1,8 @@
 """Wire format of qsm-robot's control channels (docs/PROTOCOL.md is the normative text).
 
 Every message is one ZeroMQ frame: a 32-byte little-endian header, then ``count`` float32
-values. No pickle, no variable-length text on the hot path.
+values (STATUS: ``count / 2`` float64 values, ``status.Status``). No pickle, no variable-length
+text on the hot path.
 
     offset size type     field
     0      4    bytes    magic b"QSMR"
@@ -11,8 +12,8 @@ values. No pickle, no variable-length text on the hot path.
     8      8    uint64   sequence number (per sender and channel, +1 per message)
     16     8    int64    sender's monotonic clock, nanoseconds
     24     4    uint32   ref: sequence number this message answers (COMMAND: the STATE's), else 0
-    28     4    uint32   count: number of float32 values that follow
-    32     4*count       float32 payload
+    28     4    uint32   count: number of 4-byte payload words that follow
+    32     4*count       payload: float32 values (STATUS: float64 values, two words each)
 """
 
 from __future__ import annotations
@@ -49,15 +50,32 @@ class NodeState(IntEnum):
     FAULT = 4
 
 
-class CommandFlag(IntEnum):
+class CommandFlag(IntFlag):
+    """COMMAND header flags."""
     POLICY = 0          # the policy's action after the safety chain
     FALLBACK = 1        # bit0: a fallback (hold last safe / safe command)
     SAFE = 2            # bit1: the node's safe command (not running, e-stop, safe-stop)
 
 
 class StateFlag(IntFlag):
+    """STATE header flags."""
     EPISODE_START = 1   # bit0: the first state of an episode
     RESTART = 2         # bit1: the first state since the robot (re)started (sent with seq 1)
+
+
+class TickFlag(IntFlag):
+    """Per-answered-state flags of the node (not on the wire): the safety chain's findings and the
+    node's, kept in the flight record's ``flags`` column (uint16). The names, lower-cased and in
+    bit order, are the record's ``flag_names``."""
+    STATE_INVALID = 1 << 0      # the state was NaN/Inf or of the wrong size
+    OBS_OUT_OF_RANGE = 1 << 1   # the state was outside the envelope
+    ACTION_INVALID = 1 << 2     # the policy's action was NaN/Inf or of the wrong size
+    BOUNDS_CLAMPED = 1 << 3     # the command was clamped to the actuator bounds
+    RATE_CLAMPED = 1 << 4       # the command was clamped by the rate limiter
+    FALLBACK = 1 << 5           # the command is a fallback (held or safe command)
+    MISS = 1 << 6               # the policy missed its budget
+    STALE = 1 << 7              # the state was too old to act on
+    INJECTED_STALL = 1 << 8     # the policy call carried an injected stall (fault injection)
 
 
 class ProtocolError(ValueError):
@@ -80,9 +98,16 @@ def now_ns() -> int:
 
 
 def encode(type: MsgType, seq: int, payload=(), ref: int = 0, flags: int = 0, t_ns: int | None = None) -> bytes:
-    data = np.ascontiguousarray(payload, dtype="<f4").ravel()
+    """One frame. payload: float32 values, or bytes already encoded (a whole number of 4-byte
+    words: STATUS carries float64 values, ``status.Status.encode``)."""
+    if isinstance(payload, bytes):
+        if len(payload) % 4:
+            raise ValueError(f"a payload of {len(payload)} bytes is not a whole number of 4-byte words")
+        data = payload
+    else:
+        data = np.ascontiguousarray(payload, dtype="<f4").ravel().tobytes()
     return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(type), flags, seq, now_ns() if t_ns is None else t_ns,
-                       ref & 0xFFFFFFFF, data.size) + data.tobytes()
+                       ref & 0xFFFFFFFF, len(data) // 4) + data
 
 
 def decode(frame: bytes) -> Message:

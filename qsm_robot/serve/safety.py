@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qsm_robot.serve.protocol import TickFlag
+
 COUNTERS = ("state_invalid", "obs_out_of_range", "action_invalid", "bounds_clamped", "rate_clamped", "fallbacks")
 
 
@@ -56,7 +58,7 @@ class TickResult:
     command: np.ndarray
     fallback: bool
     flags: int
-    """Bit i set when counter COUNTERS[i] fired on this tick."""
+    """TickFlag bits: what the chain found and did on this tick."""
 
 
 @dataclass
@@ -81,11 +83,11 @@ class SafetyChain:
         flags = 0
         if obs.shape != (self.cfg.obs_dim,) or not np.isfinite(obs).all():
             self.counts["state_invalid"] += 1
-            return False, 1 << 0
+            return False, TickFlag.STATE_INVALID
         if self.cfg.obs_low is not None:
             if ((obs < self.cfg.obs_low) | (obs > self.cfg.obs_high)).any():
                 self.counts["obs_out_of_range"] += 1
-                flags |= 1 << 1
+                flags |= TickFlag.OBS_OUT_OF_RANGE
                 if self.cfg.obs_out_of_range_fallback:
                     return False, flags
         return True, flags
@@ -95,7 +97,7 @@ class SafetyChain:
         clamped = np.clip(command, c.action_low, c.action_high)
         if not np.array_equal(clamped, command):
             self.counts["bounds_clamped"] += 1
-            flags |= 1 << 3
+            flags |= TickFlag.BOUNDS_CLAMPED
         delta = c.max_delta
         if self.ticks_since_arm < c.soft_start_ticks and c.soft_start_delta is not None:
             frac = (self.ticks_since_arm + 1) / c.soft_start_ticks
@@ -107,14 +109,14 @@ class SafetyChain:
             limited = np.clip(limited, c.action_low, c.action_high)
             if not np.array_equal(limited, clamped):
                 self.counts["rate_clamped"] += 1
-                flags |= 1 << 4
+                flags |= TickFlag.RATE_CLAMPED
             clamped = limited
         return clamped.astype(np.float32), flags
 
     def fallback_command(self, flags: int = 0) -> TickResult:
         self.counts["fallbacks"] += 1
         base = self.last if self.cfg.fallback == "hold" else self.cfg.safe_command.astype(np.float32)
-        command, flags = self._limit(base.astype(np.float32), flags | (1 << 5))
+        command, flags = self._limit(base.astype(np.float32), flags | TickFlag.FALLBACK)
         self.last = command
         self.ticks_since_arm += 1
         return TickResult(command.copy(), True, flags)
@@ -124,7 +126,7 @@ class SafetyChain:
         action = np.asarray(action, dtype=np.float32).reshape(-1)
         if action.shape != (self.cfg.act_dim,) or not np.isfinite(action).all():
             self.counts["action_invalid"] += 1
-            return self.fallback_command(flags | (1 << 2))
+            return self.fallback_command(flags | TickFlag.ACTION_INVALID)
         command, flags = self._limit(action, flags)
         self.last = command
         self.ticks_since_arm += 1

@@ -1,17 +1,21 @@
-"""Telemetry of the serving node: a per-tick flight recorder, the live status line and the
-summary at exit. numpy only; the latency histogram PNG needs matplotlib and is skipped (with a
-note) on a robot computer without it: ``qsm-serve plot FILE.npz`` draws it anywhere later."""
+"""Telemetry of the serving node: a per-tick flight recorder, a whole-run latency histogram and
+the summary at exit (ServeSummary). numpy only; the latency histogram PNG needs matplotlib and
+is skipped (with a note) on a robot computer without it: ``qsm-serve plot FILE.npz`` draws it
+anywhere later."""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
-FLAG_NAMES = ("state_invalid", "obs_out_of_range", "action_invalid", "bounds_clamped", "rate_clamped",
-              "fallback", "miss", "stale", "injected_stall")
-MISS_BIT, STALE_BIT, INJECTED_BIT = 1 << 6, 1 << 7, 1 << 8
+from qsm_robot.serve.protocol import TickFlag
+
+FLAG_NAMES = tuple(f.name.lower() for f in TickFlag)
+"""The flight record's ``flag_names``: bit i of ``flags`` is TickFlag named FLAG_NAMES[i]."""
 
 
 class LatencyHistogram:
@@ -98,6 +102,96 @@ def percentiles(values: np.ndarray, qs=(50, 99, 99.9)) -> dict[str, float]:
     if len(values) == 0:
         return {f"p{q}": float("nan") for q in qs} | {"max": float("nan")}
     return {f"p{q}": float(np.percentile(values, q)) for q in qs} | {"max": float(np.max(values))}
+
+
+@dataclass
+class ServeSummary:
+    """What ``qsm-serve run`` writes at exit as ``summary-<time>.json`` (keys in this order) and the
+    campaigns, the demo and the benchmarks read back (``ServeSummary.load``): whole-run counts."""
+
+    wall_s: float
+    """Seconds the node's loop ran."""
+    states_answered: int
+    """States answered with a command (ticks)."""
+    mean_rate_hz: float
+    """States answered per second, from the first answered state to the last."""
+    profile_rate_hz: float
+    """The profile's control rate."""
+    node_latency_us: dict
+    """State received -> command sent over the whole run: p50, p99, p99.9, max (µs, histogram bins)."""
+    misses: int
+    """Deadline misses (the policy did not finish inside the budget)."""
+    over_budget: int
+    """Policy commands sent after the budget (the policy was in time, the send was late)."""
+    stale: int
+    """Stale states, and periodic checks without a fresh state while RUNNING."""
+    state_invalid: int
+    """States that were NaN/Inf or of the wrong size."""
+    obs_out_of_range: int
+    """States outside the observation envelope."""
+    action_invalid: int
+    """Policy actions that were NaN/Inf or of the wrong size."""
+    bounds_clamped: int
+    """Commands clamped to the actuator bounds."""
+    rate_clamped: int
+    """Commands clamped by the rate limiter."""
+    fallbacks: int
+    """Fallback commands (the held or the safe command)."""
+    malformed: int
+    """Malformed messages on the state and control channels."""
+    replayed: int
+    """States dropped as replayed or out of order."""
+    clock_jumps: int
+    """States dropped as coming from the future."""
+    resyncs: int
+    """Re-syncs to the state stream."""
+    safe_stops: int
+    """Transitions to SAFE_STOP."""
+    safe_stop_reasons: list
+    """The reasons of the last (at most 20) safe-stops, oldest first."""
+    internal_errors: int
+    """Exceptions caught by the loop (each one puts the node in FAULT)."""
+    injected_stalls: int
+    """Policy calls stalled by fault injection (``--inject-spike-every``); 0 without it."""
+    final_state: str
+    """The node's state at exit (NodeState name)."""
+    flight_record: str
+    """Path of the flight record (.npz)."""
+
+    @classmethod
+    def from_node(cls, node, wall_s: float, flight_record: Path | str) -> "ServeSummary":
+        """The summary of a ServeNode that has stopped."""
+        c, s = node.counters, node.safety.counts
+        lat = node.latency_us(last=None)
+        return cls(wall_s=round(wall_s, 3), states_answered=c.ticks, mean_rate_hz=round(node.answered_rate_hz(), 3),
+                   profile_rate_hz=node.profile.rate_hz, node_latency_us={k: round(v, 1) for k, v in lat.items()},
+                   misses=c.misses, over_budget=c.over_budget, stale=c.stale,
+                   **{k: s[k] for k in ("state_invalid", "obs_out_of_range", "action_invalid", "bounds_clamped",
+                                        "rate_clamped", "fallbacks")},
+                   malformed=c.malformed, replayed=c.replayed, clock_jumps=c.clock_jumps, resyncs=c.resyncs,
+                   safe_stops=c.safe_stops, safe_stop_reasons=list(c.reasons), internal_errors=c.errors,
+                   injected_stalls=getattr(node.runner, "spikes", 0), final_state=node.state.name,
+                   flight_record=str(flight_record))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ServeSummary":
+        """Raises ValueError naming the keys when ``data`` is not a summary of this version."""
+        names = [f.name for f in fields(cls)]
+        if missing := [k for k in names if k not in data]:
+            raise ValueError(f"not a qsm-serve summary: missing keys {missing}")
+        if unknown := sorted(set(data) - set(names)):
+            raise ValueError(f"not a qsm-serve summary: unknown keys {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: Path | str) -> "ServeSummary":
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def plot_histogram(npz_path: Path, png_path: Path | None = None) -> Path | None:

@@ -1,1 +1,1 @@
-"""Training: the loop, replay buffer, evaluation, checkpoints and run logging."""
+"""Training: the loop, replay buffer, checkpoints and run logging."""

@@ -29,10 +29,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from qsm_robot.files import atomic_write_text  # noqa: F401  (re-exported: checkpoints write through it)
-from qsm_robot.files import remove_temporaries as remove_temporary_files
 from safetensors.torch import load_file, save_file
 
+from qsm_robot.checkpoint_layout import STATE_PREFIX, TRAIN_STATE_META, TRAIN_STATE_TENSORS
+from qsm_robot.files import atomic_write_text
+from qsm_robot.files import remove_temporaries as remove_temporary_files
 from qsm_robot.qsm.policy import CheckpointError, PolicySpec, resolve_checkpoint, save_policy_files
 
 TRAIN_STATE_VERSION = 1
@@ -89,9 +90,9 @@ def save_checkpoint(
     tmp.mkdir()
     save_policy_files(tmp, spec, denoiser)
     tensors: dict[str, torch.Tensor] = {}
-    meta = flatten_state(train_state, "state", tensors)
-    save_file(tensors, str(tmp / "train_state.safetensors"))
-    (tmp / "train_state.json").write_text(json.dumps({"version": TRAIN_STATE_VERSION, "state": meta}))
+    meta = flatten_state(train_state, STATE_PREFIX, tensors)
+    save_file(tensors, str(tmp / TRAIN_STATE_TENSORS))
+    (tmp / TRAIN_STATE_META).write_text(json.dumps({"version": TRAIN_STATE_VERSION, "state": meta}))
     _fsync_tree(tmp)
     if final.exists():  # a leftover that latest.json never named (a kill before its update)
         shutil.rmtree(final)
@@ -126,8 +127,8 @@ def load_train_state(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """The checkpoint folder of a run or checkpoint path, and its training state (CPU tensors)."""
     ckpt = resolve_checkpoint(path)
     try:
-        meta = json.loads((ckpt / "train_state.json").read_text())
-        tensors = load_file(str(ckpt / "train_state.safetensors"), device="cpu")
+        meta = json.loads((ckpt / TRAIN_STATE_META).read_text())
+        tensors = load_file(str(ckpt / TRAIN_STATE_TENSORS), device="cpu")
     except (OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"cannot read the training state in {ckpt}: {exc}") from exc
     if meta.get("version") != TRAIN_STATE_VERSION:

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,16 +23,15 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from qsm_robot.checkpoint_layout import REPLAY_STATE
 from qsm_robot.config import TrainConfig, resolve_device, resolve_threads
-from qsm_robot.envs import env_info, get_env_state, make_env, set_env_state
-from qsm_robot.qsm.learner import QSMLearner
-from qsm_robot.policy_io import PolicyIO
-from qsm_robot.qsm.policy import PolicySpec
+from qsm_robot.envs import env_info, get_env_state, make_env, run_episodes, set_env_state
+from qsm_robot.files import atomic_write_text
 from qsm_robot.files import remove_temporaries as remove_temporary_files
-from qsm_robot.train.checkpoint import (
-    atomic_write_text, has_checkpoint, load_train_state, remove_temporaries, save_checkpoint,
-)
-from qsm_robot.train.evaluate import evaluate
+from qsm_robot.policy_io import PolicyIO
+from qsm_robot.qsm.learner import QSMConfig, QSMLearner
+from qsm_robot.qsm.policy import PolicySpec
+from qsm_robot.train.checkpoint import has_checkpoint, load_train_state, remove_temporaries, save_checkpoint
 from qsm_robot.train.replay import ReplayBuffer
 from qsm_robot.train.run_log import RunLog
 
@@ -55,6 +54,11 @@ class RunResult:
 
 def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.task}__{cfg.preset}__seed{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def learner_config(cfg: TrainConfig) -> QSMConfig:
+    """The learner's hyperparameters: the run configuration's fields of the same names."""
+    return QSMConfig(**{f.name: getattr(cfg, f.name) for f in fields(QSMConfig)})
 
 
 def policy_spec(cfg: TrainConfig, io: PolicyIO, step: int) -> PolicySpec:
@@ -88,7 +92,7 @@ class Trainer:
         self.rng = np.random.default_rng(int(seeds[1]))  # random actions, replay indices
         self.eval_generator = torch.Generator(device=self.device)
         self.eval_generator.manual_seed(int(seeds[2]))
-        self.learner = QSMLearner(cfg, self.info.obs_dim, self.info.act_dim, self.device)
+        self.learner = QSMLearner(learner_config(cfg), self.info.obs_dim, self.info.act_dim, self.device)
         self.replay = ReplayBuffer(self.info.obs_dim, self.info.act_dim, cfg.buffer_size, self.device)
         self.step = self.episode_len = 0
         self.episode_return = self.elapsed_before = 0.0
@@ -104,6 +108,7 @@ class Trainer:
             self.obs = self.env.reset()[0]
         self.log = RunLog(run_dir, f"QSM {cfg.task} ({cfg.preset}, seed {cfg.seed})", self.step if resume else None)
         self._stop_signal: int | None = None
+        self._t0 = time.perf_counter()  # run() restarts the clock
 
     # --- checkpoints -------------------------------------------------------------------------
     def _train_state(self) -> dict:
@@ -113,7 +118,7 @@ class Trainer:
             "actor_opt": L.actor_opt.state_dict(), "critic_opt": L.critic_opt.state_dict(),
             "actor_lr_schedule": L.actor_lr_schedule.state_dict(), "num_updates": L.num_updates,
             "generator": L.generator.get_state(), "eval_generator": self.eval_generator.get_state(),
-            "numpy_rng": self.rng.bit_generator.state, "replay": self.replay.state_dict(),
+            "numpy_rng": self.rng.bit_generator.state, REPLAY_STATE: self.replay.state_dict(),
             "env": get_env_state(self.env), "eval_envs": [get_env_state(e) for e in self.eval_envs],
             "obs": torch.as_tensor(self.obs), "step": self.step, "episode_return": self.episode_return,
             "episode_len": self.episode_len, "elapsed_s": self.elapsed(), "evals": self.evals,
@@ -140,7 +145,7 @@ class Trainer:
         L.generator.set_state(s["generator"])
         self.eval_generator.set_state(s["eval_generator"])
         self.rng.bit_generator.state = s["numpy_rng"]
-        self.replay.load_state_dict(s["replay"])
+        self.replay.load_state_dict(s[REPLAY_STATE])
         set_env_state(self.env, s["env"])
         for env, state in zip(self.eval_envs, s["eval_envs"]):
             set_env_state(env, state)
@@ -161,7 +166,7 @@ class Trainer:
             obs_t = torch.as_tensor(obs, device=self.device)
             return self.learner.act(obs_t, explore=False, generator=self.eval_generator).cpu().numpy()
 
-        returns = evaluate(policy, self.eval_envs)
+        returns = run_episodes(policy, self.eval_envs)
         mean = float(np.mean(returns))
         self.evals.append(mean)
         row = dict(step=self.step, time_s=round(self.elapsed(), 2), return_mean=mean,
@@ -173,6 +178,30 @@ class Trainer:
         tqdm.write(f"step {self.step}: eval return {mean:.1f} +- {np.std(returns):.1f} "
                    f"({len(returns)} episodes, {self.elapsed():.0f} s)", file=sys.stderr)
         return mean
+
+    def collect(self) -> float | None:
+        """One policy step in the training env, stored in the replay buffer with mask 0 only
+        on a true termination (a time-limit truncation keeps mask 1). At an episode's end it
+        logs the episode, resets the env and returns the episode's return; else None."""
+        if self.step < self.cfg.learning_starts:
+            action = self.rng.uniform(-1.0, 1.0, self.info.act_dim).astype(np.float32)
+        else:
+            obs_t = torch.as_tensor(self.obs, device=self.device)[None]
+            action = self.learner.act(obs_t, explore=True)[0].cpu().numpy()
+        next_obs, reward, terminated, truncated, _ = self.env.step(action)
+        self.replay.add(self.obs, action, reward, next_obs, terminated)
+        self.obs = next_obs
+        self.episode_return += float(reward)
+        self.episode_len += 1
+        self.step += 1
+        if not (terminated or truncated):
+            return None
+        finished = self.episode_return
+        self.log.episode(step=self.step, time_s=round(self.elapsed(), 2),
+                         **{"return": finished, "length": self.episode_len})
+        self.obs = self.env.reset()[0]
+        self.episode_return, self.episode_len = 0.0, 0
+        return finished
 
     def run(self) -> RunResult:
         cfg = self.cfg
@@ -186,23 +215,9 @@ class Trainer:
         metrics: dict[str, torch.Tensor] = {}
         try:
             while self.step < cfg.steps and self._stop_signal is None:
-                if self.step < cfg.learning_starts:
-                    action = self.rng.uniform(-1.0, 1.0, self.info.act_dim).astype(np.float32)
-                else:
-                    obs_t = torch.as_tensor(self.obs, device=self.device)[None]
-                    action = self.learner.act(obs_t, explore=True)[0].cpu().numpy()
-                next_obs, reward, terminated, truncated, _ = self.env.step(action)
-                self.replay.add(self.obs, action, reward, next_obs, terminated)
-                self.obs = next_obs
-                self.episode_return += float(reward)
-                self.episode_len += 1
-                self.step += 1
-                if terminated or truncated:
-                    last_train_return = self.episode_return
-                    self.log.episode(step=self.step, time_s=round(self.elapsed(), 2),
-                                     **{"return": self.episode_return, "length": self.episode_len})
-                    self.obs = self.env.reset()[0]
-                    self.episode_return, self.episode_len = 0.0, 0
+                finished = self.collect()
+                if finished is not None:
+                    last_train_return = finished
                 if self.step >= cfg.learning_starts:
                     for _ in range(cfg.updates_per_step):
                         metrics = self.learner.update(self.replay.sample(cfg.batch_size, self.rng))

@@ -21,9 +21,6 @@ class ReplayBuffer:
         shapes = {"obs": (obs_dim,), "action": (act_dim,), "reward": (), "next_obs": (obs_dim,), "mask": ()}
         self.data = {k: torch.zeros((capacity, *s), dtype=torch.float32, device=device) for k, s in shapes.items()}
 
-    def __len__(self) -> int:
-        return self.size
-
     def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, terminated: bool) -> None:
         i = self.ptr
         for key, value in (("obs", obs), ("action", action), ("next_obs", next_obs)):

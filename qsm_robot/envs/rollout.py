@@ -1,4 +1,7 @@
-"""Evaluation: episodes run side by side in separate envs, one batched policy call per step."""
+"""Policy episodes in several envs side by side, one batched policy call per step.
+
+Used by training (evaluation) and by export (teacher states, return retention).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import gymnasium as gym
 import numpy as np
 
 
-def evaluate(
+def run_episodes(
     policy: Callable[[np.ndarray], np.ndarray],
     envs: list[gym.Env],
     record_obs: list[np.ndarray] | None = None,

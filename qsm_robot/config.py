@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qsm_robot.qsm.choices import INITS, SCHEDULES
+from qsm_robot.qsm.hyperparams import INITS, SCHEDULES
+from qsm_robot.qsm.hyperparams import QSMConfig as Q  # the learner's defaults: defined once, there
 
 
 class ConfigError(ValueError):
@@ -44,44 +45,44 @@ class TrainConfig:
     """Physics control steps per policy action."""
 
     # --- networks ---
-    hidden_dim: int = 512
+    hidden_dim: int = Q.hidden_dim
     """Width of the denoiser trunk and of each critic."""
-    num_layers: int = 2
+    num_layers: int = Q.num_layers
     """Hidden layers in the denoiser trunk and in each critic."""
-    time_dim: int = 128
+    time_dim: int = Q.time_dim
     """Width of the time-embedding MLP c(t)."""
-    fourier_dim: int = 64
+    fourier_dim: int = Q.fourier_dim
     """Learnable Fourier features of t."""
-    init: str = "xavier"
+    init: str = Q.init
     """Weight initialisation: xavier (the reference implementation's: Xavier-uniform weights, zero
     biases, in every dense layer of denoiser, time MLP and critics) or torch (nn.Linear's default)."""
 
     # --- diffusion ---
-    diffusion_steps: int = 5
+    diffusion_steps: int = Q.diffusion_steps
     """T: steps of the DDPM chain."""
-    schedule: str = "vp"
+    schedule: str = Q.schedule
     """Noise schedule: vp, linear or cosine."""
-    temperature: float = 1.0
+    temperature: float = Q.temperature
     """Scale of the noise added at each reverse step."""
-    clip_sample: bool = True
+    clip_sample: bool = Q.clip_sample
     """Clip the action to [-1, 1] after every reverse step."""
 
     # --- QSM ---
-    q_grad_scale: float = 50.0
+    q_grad_scale: float = Q.q_grad_scale
     """M_q: the denoiser is regressed onto -M_q * grad_a Q (larger = greedier)."""
-    actor_lr: float = 3e-4
+    actor_lr: float = Q.actor_lr
     """Denoiser Adam learning rate, cosine-decayed over actor_lr_decay_steps updates."""
-    actor_lr_decay_steps: int = 2_000_000
+    actor_lr_decay_steps: int = Q.actor_lr_decay_steps
     """Updates over which the actor learning rate decays to 0 (cosine)."""
-    critic_lr: float = 3e-4
+    critic_lr: float = Q.critic_lr
     """Critic Adam learning rate."""
-    gamma: float = 0.99
+    gamma: float = Q.gamma
     """Discount."""
-    tau: float = 0.005
+    tau: float = Q.tau
     """Polyak factor of the target critics."""
-    target_noise: float = 0.1
+    target_noise: float = Q.target_noise
     """Std of the noise added to the target action a'."""
-    exploration_noise: float = 0.1
+    exploration_noise: float = Q.exploration_noise
     """Std of the noise added to actions taken in the training env."""
     batch_size: int = 256
     """Replay batch per update."""

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from qsm_robot.qsm.choices import SCHEDULES
+from qsm_robot.qsm.hyperparams import SCHEDULES
 
 
 def make_betas(name: str, T: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ import numpy as np
 from common import print_table, write_csv
 
 from qsm_robot.serve import protocol as P
+from qsm_robot.serve.flight_record import node_ticks
 from qsm_robot.serve.client import ControlClient
 from qsm_robot.serve.profile import Profile
 
@@ -89,8 +90,8 @@ def run_pair(model: Path, profile_path: Path, episodes: int, work: Path, kill_af
                "watchdog_periods_to_safe": after[0][1] if after else None,
                "watchdog_trips_before_kill": len(robot["watchdog_trip_t_ns"]) - len(after)}
         return row
-    (record,) = rec.glob("flight-*.npz")
-    ticks = np.load(record)["ticks"]
+    (record,) = rec.glob("flight-*.mcap")
+    ticks = node_ticks(record)
     flags = ticks["flags"]
     F = P.TickFlag
     miss = (flags & int(F.MISS)) > 0

@@ -59,6 +59,7 @@ import numpy as np
 from harness import (REPO, RESULTS, ControlClient, Drain, P, load_inputs, print_table, private_profile, serve_summary,
                      start_serve, start_sim, status, write_csv, write_json)
 
+from qsm_robot.serve.flight_record import node_ticks
 from qsm_robot.serve.profile import Profile
 
 F = P.TickFlag
@@ -108,7 +109,7 @@ class Session:
         """The summary JSON and the flight record's ticks that a qsm-serve wrote at SIGTERM."""
         (summary,) = (self.work / name).glob("summary-*.json")
         data = serve_summary(summary)
-        return data, np.load(data["flight_record"])["ticks"]
+        return data, node_ticks(data["flight_record"])
 
     def check_alive(self) -> None:
         for d in self.drains:

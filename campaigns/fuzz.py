@@ -89,6 +89,7 @@ from harness import (REPO, RESULTS, ipc_endpoints, print_table, rss_kib, serve_s
                      wait_ready, write_csv)
 
 from qsm_robot.serve import protocol as P
+from qsm_robot.serve.flight_record import node_ticks
 from qsm_robot.serve.profile import Profile
 from qsm_robot.serve.status import SCALARS as STATUS_SCALARS
 from qsm_robot.serve.status import Status
@@ -964,9 +965,9 @@ def run_campaign(model: str | Path, work_dir: str | Path, messages: int = 100_00
     summary = summaries[-1] if summaries else {}
     internal_errors = sum(s.get("internal_errors", 0) for s in summaries)
     spoofed_answered = 0
-    flights = sorted(record_dir.glob("flight-*.npz"))
+    flights = sorted(record_dir.glob("flight-*.mcap"))
     if flights:
-        ticks = np.load(flights[-1])["ticks"]
+        ticks = node_ticks(flights[-1])
         marker = np.resize(MARKER, profile.obs_dim)
         spoofed_answered = int((ticks["obs"] == marker).all(axis=1).sum())
     for r in rows:

@@ -24,6 +24,8 @@ from qsm_robot.cli.train import main as train_main
 from qsm_robot.envs import make_env
 from qsm_robot.export.runtime import make_session
 from qsm_robot.serve import protocol as P
+from qsm_robot.serve.flight_record import node_ticks, robot_ticks
+from qsm_robot.serve.flight_record import read as read_record
 from qsm_robot.serve.client import ControlClient
 
 SERVE = [sys.executable, "-m", "qsm_robot.cli.serve"]
@@ -74,13 +76,32 @@ def offline_return(model, seed=3, noise_seed=0, steps=STEPS):
     return total
 
 
+def check_both_sides_records(tmp_path):
+    """One MCAP file per side shows the whole run: the robot's command for each of its states is
+    the node's answer to it (when on time and unclamped), and both map the one monotonic clock to
+    the same log time."""
+    (node_path,) = (tmp_path / "rec").glob("flight-*.mcap")
+    node, robot = read_record(node_path), read_record(tmp_path / "robot.mcap")
+    robot_rows, node_rows = robot_ticks(robot), node_ticks(node)
+    assert len(robot_rows) == STEPS and robot_rows["seq"].tolist() == list(range(1, STEPS + 1))
+    answers = {int(r["state_seq"]): r["command"] for r in node_rows}
+    fresh = [r for r in robot_rows if r["flags"] == 0 and r["ref"] == r["seq"]]
+    assert fresh and all((r["command"] == answers[int(r["seq"])]).all() for r in fresh)
+    node_states = {m["seq"]: m for m in node.channels["/states"]}
+    gaps = [abs(m["log_time_ns"] - (m["t_ns"] + robot.metadata["monotonic_to_unix_ns"])) for m in robot.channels["/states"] if m["t_ns"]]
+    assert max(gaps) == 0  # the robot's log time is its monotonic send time, mapped
+    pairs = [(m, node_states[m["seq"]]) for m in robot.channels["/states"] if m["seq"] in node_states]
+    assert pairs and all(abs(r["log_time_ns"] - (n["t_ns"] + node.metadata["monotonic_to_unix_ns"])) < 5_000_000
+                         for r, n in pairs)  # both offsets map one clock (they differ by clock slew only)
+
+
 def test_closed_loop_return_agrees_with_offline_evaluation(model, tmp_path):
     profile_path, scenario_path, control = write_files(tmp_path)
     serve = start_serve(model, profile_path, tmp_path)
     try:
         assert wait_ready(control, serve)["node_state"] == "ARMED"
         sim = subprocess.run(SIM + ["--profile", str(profile_path), "--scenario", str(scenario_path),
-                                    "--results", str(tmp_path / "robot.json")],
+                                    "--results", str(tmp_path / "robot.json"), "--record", str(tmp_path / "robot.mcap")],
                              cwd=REPO, capture_output=True, text=True, timeout=120)
         assert sim.returncode == 0, sim.stderr
     finally:
@@ -89,11 +110,12 @@ def test_closed_loop_return_agrees_with_offline_evaluation(model, tmp_path):
     assert serve.returncode == 0, err
     robot = json.loads((tmp_path / "robot.json").read_text())
     assert len(robot["episodes"]) == 1 and robot["steps"] == STEPS
+    check_both_sides_records(tmp_path)
     assert robot["commands_rejected"] == 0  # (a loaded machine may trip the watchdog: then the returns only agree)
     closed, offline = robot["episodes"][0], offline_return(model)
     assert "qsm-serve summary" in out
-    (record,) = (tmp_path / "rec").glob("flight-*.npz")
-    ticks = np.load(record)["ticks"]
+    (record,) = (tmp_path / "rec").glob("flight-*.mcap")
+    ticks = node_ticks(record)
     fallbacks = int(((ticks["flags"] & int(P.TickFlag.FALLBACK)) > 0).sum())
     if robot["commands_late"] == 0 and robot["commands_one_tick_late"] == 0 and fallbacks == 0:
         assert closed == pytest.approx(offline, abs=1e-6)  # every command on time: the same episode
@@ -143,8 +165,8 @@ def test_injected_faults_are_survived_and_counted(model, tmp_path):
     # The 0.3 s pause (30 periods) leaves the node without fresh states: it goes to safe-stop.
     assert status["node_state"] == "SAFE_STOP"
     assert "RUNNING -> SAFE_STOP: no fresh state for" in err
-    (record,) = (tmp_path / "rec").glob("flight-*.npz")
-    commands = np.load(record)["ticks"]["command"][:, 0]
+    (record,) = (tmp_path / "rec").glob("flight-*.mcap")
+    commands = node_ticks(record)["command"][:, 0]
     assert np.isfinite(commands).all() and (np.abs(commands) <= 1).all()
 
 

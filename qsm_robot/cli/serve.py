@@ -5,9 +5,9 @@
     qsm-serve run --model M.onnx --profile deploy/profiles/cartpole-sim.json --calibration calib/NAME.json [--arm]
     qsm-serve arm|disarm|estop|status --profile deploy/profiles/cartpole-sim.json [--key operator.key_secret]
     qsm-serve keygen --dir deploy/keys --name operator
-    qsm-serve plot runs/serve/flight.npz
+    qsm-serve plot runs/serve/flight-TIME.mcap
 
-Imports numpy, pyzmq and onnxruntime only (with matplotlib, if installed, for the plot).
+Imports numpy, pyzmq, onnxruntime and mcap only (with matplotlib, if installed, for the plot).
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def run(args) -> int:
     except Exception as exc:  # onnxruntime's load errors, zmq's bind errors
         return _fail(f"{type(exc).__name__}: {exc}")
     install_signal_handlers(node)
+    rt = node.apply_realtime()  # this thread runs the loop; a refused setting is one warning, never a failure
     c = node.runner.contract
     source = f"calibration {record.name!r} (id {record.short_id})" if record else "the profile (no calibration record)"
     print(f"{PROG}: {args.model} ({c.sampler}, {c.sampler_steps} step(s), task {c.io.task}) under profile "
@@ -89,7 +90,8 @@ def run(args) -> int:
           f"{profile.endpoints.command}, control {profile.endpoints.control}"
           f"{'; CURVE on, ' + str(len(node.curve.allow.keys)) + ' allowed key(s)' if node.curve else ''}\n"
           f"{PROG}: safety from {source}: budget {profile.latency_budget_ms} ms, max_delta_per_tick "
-          f"{profile.max_delta_per_tick}, obs_low {profile.obs_low}, obs_high {profile.obs_high}", file=sys.stderr)
+          f"{profile.max_delta_per_tick}, obs_low {profile.obs_low}, obs_high {profile.obs_high}\n"
+          f"{PROG}: {rt.banner()}", file=sys.stderr)
     if args.arm:
         node.arm("armed at start (--arm)")
 
@@ -104,11 +106,12 @@ def run(args) -> int:
     out = Path(args.record_dir)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    npz = node.recorder.save(out / f"flight-{stamp}.npz", profile=json.dumps(profile.to_dict()), model=str(args.model))
-    png = plot_histogram(npz)
+    record = node.recorder.save(out / f"flight-{stamp}.mcap", profile=json.dumps(profile.to_dict()),
+                                model=str(args.model), realtime=json.dumps(rt.to_dict()))
+    png = plot_histogram(record)
     lat = node.latency_us(last=None)
     s = node.safety.counts
-    summary = ServeSummary.from_node(node, wall, npz)
+    summary = ServeSummary.from_node(node, wall, record)
     atomic_write_text(out / f"summary-{stamp}.json", summary.to_json())
     rows = [
         ("wall time", f"{wall:.1f} s"), ("states answered", node.counters.ticks),
@@ -122,8 +125,8 @@ def run(args) -> int:
         ("clock jumps / re-syncs", f"{node.counters.clock_jumps} / {node.counters.resyncs}"),
         ("out of envelope", s["obs_out_of_range"]), ("safe-stops", f"{node.counters.safe_stops} {list(node.counters.reasons)[:3]}"),
         ("internal errors", node.counters.errors), ("final state", node.state.name),
-        ("flight record", f"{npz} (last {len(node.recorder.data)} ticks)"),
-        ("latency histogram", png or "matplotlib not installed: qsm-serve plot " + str(npz)),
+        ("flight record", f"{record} (MCAP, last {len(node.recorder.data)} ticks)"),
+        ("latency histogram", png or "matplotlib not installed: qsm-serve plot " + str(record)),
         ("summary", out / f"summary-{stamp}.json"),
     ]
     if runner is not None and runner.every:
@@ -235,7 +238,10 @@ def keygen(args) -> int:
 def plot(args) -> int:
     from qsm_robot.serve.telemetry import plot_histogram
 
-    png = plot_histogram(Path(args.record))
+    try:
+        png = plot_histogram(Path(args.record))
+    except Exception as exc:  # not a file, not MCAP, not a node's record
+        return _fail(f"cannot read the flight record {args.record}: {type(exc).__name__}: {exc}")
     if png is None:
         return _fail("matplotlib is not installed here: pip install matplotlib")
     print(png)
@@ -300,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     kg.add_argument("--name", required=True, help="key name, e.g. node, robot, operator")
     kg.add_argument("--overwrite", action="store_true")
     kg.set_defaults(func=keygen)
-    pl = sub.add_parser("plot", help="draw the latency histogram of a flight record")
-    pl.add_argument("record")
+    pl = sub.add_parser("plot", help="draw the latency histogram of a node's flight record")
+    pl.add_argument("record", help="flight-TIME.mcap written by qsm-serve run")
     pl.set_defaults(func=plot)
     args = p.parse_args(argv)
     if args.cmd in ("arm", "disarm", "estop", "status") and not (args.profile or args.endpoint):

@@ -33,16 +33,20 @@ counted in :class:`RobotReport`.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from abc import ABC, abstractmethod
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import zmq
 
+from qsm_robot.serve import flight_record
 from qsm_robot.serve import protocol as P
+from qsm_robot.serve import realtime
 from qsm_robot.serve.auth import secure_client
 from qsm_robot.serve.profile import Profile, ProfileError
 
@@ -50,6 +54,8 @@ LATENCY_WINDOW = 1 << 20
 """The report's latency percentiles cover the last this many commands (8 MiB, fixed at start)."""
 SENT_AT_WINDOW = 1000
 """Send times are kept for this many recent states (a command answering an older one has no latency)."""
+ROBOT_FLAG = {name: 1 << i for i, name in enumerate(flight_record.ROBOT_FLAG_NAMES)}
+"""The robot flight record's flag bits by name."""
 
 
 class RobotError(ValueError):
@@ -120,6 +126,9 @@ class RobotReport:
     achieved_rate_hz: float = 0.0
     ticks_late: int = 0
     """Ticks that started more than half a period after their deadline."""
+    realtime: dict = field(default_factory=dict)
+    """What the profile's ``robot.realtime`` settings came to on the loop thread (per setting:
+    requested, 'off' / 'applied' / 'refused', and what is in force or why not)."""
 
 
 class CommandGate:
@@ -157,10 +166,14 @@ class CommandGate:
         self.sent_at: dict[int, int] = {}
         self.latencies = np.zeros(LATENCY_WINDOW, np.int64)
         self.n_latencies = 0
+        self.fresh_latency_ns: int | None = None
+        """This tick's state sent -> its command received, once it has come."""
+        self.tick_flags = 0
+        """The last decided tick's robot flags (bits of ``flight_record.ROBOT_FLAG_NAMES``)."""
 
     def state_sent(self, seq: int, t_ns: int | None) -> None:
         """A new tick: the state ``seq`` went out at ``t_ns`` (None: it was not sent)."""
-        self.seq, self.fresh, self.late = seq, None, None
+        self.seq, self.fresh, self.late, self.fresh_latency_ns = seq, None, None, None
         if t_ns is not None:
             self.sent_at[seq] = t_ns
         self.sent_at.pop(seq - SENT_AT_WINDOW, None)  # seqs only grow: forget the one that just aged out
@@ -175,8 +188,11 @@ class CommandGate:
         if msg.type != P.MsgType.COMMAND:
             return False
         if msg.ref in self.sent_at:
-            self.latencies[self.n_latencies % LATENCY_WINDOW] = now_ns - self.sent_at.pop(msg.ref)
+            latency = now_ns - self.sent_at.pop(msg.ref)
+            self.latencies[self.n_latencies % LATENCY_WINDOW] = latency
             self.n_latencies += 1
+            if msg.ref == self.seq:
+                self.fresh_latency_ns = latency
         if msg.ref > self.seq or msg.ref <= self.last_applied_ref or msg.ref < self.seq - self.watchdog_periods:
             return False  # answers no state of ours, already superseded, or too old to be fresh
         if not self.valid(msg.payload):
@@ -218,11 +234,13 @@ class CommandGate:
         """The command to apply this tick: the fresh one, else one tick late, else held, else
         (watchdog) the safe command."""
         report, command = self.report, None
+        clamped_before, flags = report.commands_rate_clamped, 0
         if self.fresh is not None:
             command, self.last_applied_ref = self.fresh, self.seq
         elif self.late is not None:
             command, self.last_applied_ref = self.late.payload.copy(), self.late.ref
             report.commands_one_tick_late += 1
+            flags |= ROBOT_FLAG["one_tick_late"]
         if command is not None:
             self.applied, self.last_fresh_tick = self.limit_change(command), self.tick
             report.commands_applied += 1
@@ -232,6 +250,7 @@ class CommandGate:
                 self.watchdog_on = False
         else:
             report.commands_late += 1
+            flags |= ROBOT_FLAG["late"]
             # At this cutoff, the next one would be more than watchdog_periods after the last
             # fresh command: act now, so the safe command comes within watchdog_periods.
             if self.tick - self.last_fresh_tick >= self.watchdog_periods - 1:
@@ -243,6 +262,10 @@ class CommandGate:
                     self.log(f"watchdog: no fresh command for {self.tick - self.last_fresh_tick} periods -> safe command")
                 self.applied = self.safe.copy()
                 report.watchdog_ticks += 1
+                flags |= ROBOT_FLAG["watchdog"]
+        if report.commands_rate_clamped > clamped_before:
+            flags |= ROBOT_FLAG["rate_clamped"]
+        self.tick_flags = flags
         self.tick += 1
         return self.applied.copy()
 
@@ -264,15 +287,20 @@ class RobotClient:
     """The protocol client: sockets, the timed loop and the hook points of a simulator.
 
     ``profile`` gives the endpoints, the period (``rate_hz``), the actuator bounds, the safe
-    command, ``max_delta_per_tick``, ``spin_us``, ``robot.watchdog_periods`` and the CURVE
-    server key; ``key`` is this robot's CURVE key pair (``.key_secret``), needed when the
+    command, ``max_delta_per_tick``, ``spin_us``, ``robot.watchdog_periods``, ``robot.realtime``
+    (applied to the loop's thread when ``run`` starts) and the CURVE server key; ``key`` is this robot's CURVE key pair (``.key_secret``), needed when the
     profile has CURVE keys. ``name`` prefixes the log lines (stderr by default).
     """
 
     def __init__(self, profile: Profile, robot: Robot, key: str | None = None,
-                 log: Callable[[str], None] | None = None, name: str = "robot"):
+                 log: Callable[[str], None] | None = None, name: str = "robot", record_ticks: int | None = None):
+        """record_ticks: keep a flight record of the last this many ticks (a ring allocated now;
+        ``save_record`` writes it as MCAP); None: no record."""
         require_key(profile, key)
         self.profile, self.robot, self.name = profile, robot, name
+        self.recorder = None if not record_ticks else flight_record.TickRing(
+            flight_record.robot_dtype(profile.obs_dim, profile.act_dim), record_ticks)
+        self.realtime: realtime.RealtimeReport | None = None
         self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.ctx = zmq.Context.instance()
         self.state_sock = self.ctx.socket(zmq.PUB)
@@ -351,6 +379,12 @@ class RobotClient:
         period = int(round(prof.period_s * 1e9))
         spin_ns = int(prof.spin_us * 1e3)
         report = RobotReport()
+        rt = self.realtime = realtime.apply(prof.robot.realtime, prof.spin_us)  # this thread runs the loop
+        for line in rt.warnings():
+            self.log(line)
+        if not prof.robot.realtime.is_default:
+            self.log(rt.banner())
+        report.realtime = rt.to_dict()
         gate = CommandGate(prof, report, self.log)
         time.sleep(connect_wait_s)  # let the PUB/SUB connections form before the first state
         seq, ep_steps, flags = 0, 0, int(P.StateFlag.RESTART | P.StateFlag.EPISODE_START)
@@ -365,6 +399,7 @@ class RobotClient:
             # 1. read: observe and publish the state
             obs = self.observe()
             seq += 1
+            sent_flags = flags
             t_sent = self.send_state(obs, seq, flags)
             if t_sent is not None:
                 report.states_sent += 1
@@ -374,7 +409,15 @@ class RobotClient:
             self._collect(gate, poller, deadline + period - period // 10, spin_ns)
             command = gate.decide(time.monotonic_ns())
             # 3. write: apply it
+            t_apply = time.monotonic_ns()
             self.robot.apply(command)
+            if self.recorder is not None:
+                r = self.recorder.next_row()
+                r["seq"], r["t_sent_ns"], r["t_apply_ns"], r["ref"] = seq, t_sent or 0, t_apply, gate.last_applied_ref
+                r["command_us"] = np.nan if gate.fresh_latency_ns is None else gate.fresh_latency_ns / 1e3
+                r["flags"] = (gate.tick_flags | (ROBOT_FLAG["not_sent"] if t_sent is None else 0)
+                              | (ROBOT_FLAG["episode_start"] if sent_flags & P.StateFlag.EPISODE_START else 0))
+                r["command"], r["obs"] = command, obs
             report.steps += 1
             ep_steps += 1
             if self.robot.episode_done():
@@ -391,6 +434,19 @@ class RobotClient:
         report.achieved_rate_hz = gate.tick / elapsed if elapsed > 0 else 0.0
         report.latency_us = gate.latency_us()
         return report
+
+    def save_record(self, path, **meta) -> Path:
+        """Write the flight record (the last ``record_ticks`` ticks) as MCAP, atomically: channels
+        /states, /commands, /latencies, /flags (``serve/flight_record.py``); ``meta`` goes into its
+        ``qsm_robot`` metadata record."""
+        if self.recorder is None:
+            raise ValueError("this client keeps no flight record: pass record_ticks")
+        meta = {"obs_dim": self.profile.obs_dim, "act_dim": self.profile.act_dim,
+                "flag_names": list(flight_record.ROBOT_FLAG_NAMES), "total_ticks": self.recorder.total,
+                "ticks_held": len(self.recorder.data), "profile": json.dumps(self.profile.to_dict()),
+                **({"realtime": json.dumps(self.realtime.to_dict())} if self.realtime else {}), **meta}
+        return flight_record.write(path, "robot", flight_record.robot_messages(self.recorder.data), meta,
+                                   flight_record.monotonic_to_unix_ns())
 
     def close(self) -> None:
         self.state_sock.close(0)

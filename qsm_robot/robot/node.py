@@ -7,7 +7,8 @@ the scenario's fault injection (:class:`RobotNode`'s hooks). On time, each tick 
 
 Faults (scenario file): added latency and jitter before publishing, dropped states, NaN or
 garbage states, a pause. ``--video FILE.mp4`` records the closed-loop episodes (MuJoCo offscreen
-rendering, which needs MUJOCO_GL=egl or osmesa).
+rendering, which needs MUJOCO_GL=egl or osmesa); ``--record FILE.mcap`` writes the robot's side
+of the run as an MCAP flight record, as qsm-serve writes the node's.
 """
 
 from __future__ import annotations
@@ -211,10 +212,11 @@ class RobotNode(RobotClient):
     drops, NaN and garbage)."""
 
     def __init__(self, profile: Profile, scenario: Scenario, log=None, key: str | None = None,
-                 video: str | Path | None = None, video_fps: float = MAX_FPS):
+                 video: str | Path | None = None, video_fps: float = MAX_FPS, record_ticks: int | None = None):
         """key: this robot's CURVE key pair (.key_secret), needed when the profile has CURVE keys.
         video: record the episodes to this .mp4 (needs MuJoCo rendering; without it, one line says so),
-        at most ``video_fps`` frames per second (software rendering costs ~20 ms of CPU a frame)."""
+        at most ``video_fps`` frames per second (software rendering costs ~20 ms of CPU a frame).
+        record_ticks: keep a flight record of the last this many ticks (``save_record`` writes it)."""
         require_key(profile, key)  # before building the physics
         log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         try:
@@ -223,7 +225,7 @@ class RobotNode(RobotClient):
         except VideoError as exc:
             raise ProfileError(str(exc)) from None
         try:
-            super().__init__(profile, self.sim, key=key, log=log, name="qsm-sim")
+            super().__init__(profile, self.sim, key=key, log=log, name="qsm-sim", record_ticks=record_ticks)
         except BaseException:
             self.sim.close()  # no partial video file, no GL context left behind
             raise
@@ -293,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--video-fps", type=float, default=MAX_FPS,
                    help=f"at most this many video frames per second (default {MAX_FPS:g}; each costs ~20 ms of CPU "
                         "with software rendering)")
+    p.add_argument("--record", type=Path, metavar="FILE.mcap",
+                   help="write the robot's flight record (MCAP: states, commands, latencies, flags; the last "
+                        "flight_record_ticks ticks of the profile) here at the end")
     a = p.parse_args(argv)
     if not a.video_fps > 0:
         p.error(f"--video-fps must be > 0, got {a.video_fps}")
@@ -300,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         profile, scenario = Profile.load(a.profile), Scenario.load(a.scenario)
         if a.episodes:
             scenario.episodes = a.episodes
-        node = RobotNode(profile, scenario, key=a.key, video=a.video, video_fps=a.video_fps)
+        node = RobotNode(profile, scenario, key=a.key, video=a.video, video_fps=a.video_fps,
+                         record_ticks=profile.flight_record_ticks if a.record else None)
     except (ProfileError, AuthError) as exc:
         print(f"qsm-sim: error: {exc}", file=sys.stderr)
         return 2
@@ -308,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, node.request_stop)
     try:
         report = node.run()
+        if a.record:
+            print(f"qsm-sim: flight record {node.save_record(a.record, scenario=scenario.name)} "
+                  f"(MCAP, last {len(node.recorder.data)} ticks)", file=sys.stderr)
     finally:
         node.close()
     if a.results:

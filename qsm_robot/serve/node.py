@@ -27,6 +27,7 @@ import numpy as np
 import zmq
 
 from qsm_robot.serve import protocol as P
+from qsm_robot.serve import realtime
 from qsm_robot.serve.auth import CurveServer
 from qsm_robot.serve.policy_runner import PolicyRunner
 from qsm_robot.serve.profile import Profile, check_contract
@@ -100,6 +101,8 @@ class ServeNode:
         self._expected_ns: int | None = None  # when the next state should arrive
         self._rate_hz = 0.0
         self._rate_mark: tuple[int, int] | None = None  # (time, ticks) at the last status interval
+        self.realtime: realtime.RealtimeReport | None = None
+        """What the profile's real-time settings came to (``apply_realtime``); None before."""
 
         self.ctx = zmq.Context.instance()
         self.curve = CurveServer(self.ctx, profile.curve) if profile.curve is not None else None
@@ -122,6 +125,15 @@ class ServeNode:
             sock.setsockopt(zmq.MAXMSGSIZE, 4096 if kind == zmq.ROUTER else P.HEADER_SIZE + 4 * P.MAX_COUNT)
         sock.bind(endpoint)
         return sock
+
+    def apply_realtime(self) -> realtime.RealtimeReport:
+        """Apply the profile's ``realtime`` settings to the calling thread, which must be the one
+        that runs the loop (``run`` does it when nobody did); each refused setting is logged as one
+        warning and the node runs on without it. Never raises."""
+        self.realtime = realtime.apply(self.profile.realtime, self.profile.spin_us)
+        for line in self.realtime.warnings():
+            self.log(f"qsm-serve: {line}")
+        return self.realtime
 
     # --- state machine ---------------------------------------------------------------------
     def _event(self, event: Event, reason: str) -> bool:
@@ -199,6 +211,7 @@ class ServeNode:
             self._latency_cache = (now, self.latency_us())
         lat = self._latency_cache[1]
         vec = lambda v: None if v is None else tuple(float(x) for x in v)  # noqa: E731
+        rt = self.realtime
         return Status(node_state=self.state, ticks=c.ticks, misses=c.misses, stale=c.stale, fallbacks=s["fallbacks"],
                       bounds_clamped=s["bounds_clamped"], rate_clamped=s["rate_clamped"],
                       state_invalid=s["state_invalid"], action_invalid=s["action_invalid"],
@@ -206,7 +219,11 @@ class ServeNode:
                       p99_us=lat["p99"], max_us=lat["max"], replayed=c.replayed, clock_jumps=c.clock_jumps,
                       resyncs=c.resyncs, over_budget=c.over_budget, auth_denied=self.curve.denied if self.curve else 0,
                       calibration_id=self.calibration_id, latency_budget_ms=self.profile.latency_budget_ms,
-                      act_dim=cfg.act_dim, obs_dim=cfg.obs_dim, max_delta_per_tick=vec(cfg.max_delta),
+                      act_dim=cfg.act_dim, obs_dim=cfg.obs_dim,
+                      rt_cpu_affinity=rt.cpu_affinity.code if rt else 0, rt_cpu_mask=rt.cpu_mask if rt else 0,
+                      rt_sched_fifo_priority=(-1 if rt.sched_fifo.state == realtime.REFUSED else rt.fifo_priority)
+                      if rt else 0, rt_mlockall=rt.mlockall.code if rt else 0, spin_us=float(self.profile.spin_us),
+                      max_delta_per_tick=vec(cfg.max_delta),
                       obs_low=vec(cfg.obs_low), obs_high=vec(cfg.obs_high))
 
     @property
@@ -348,6 +365,8 @@ class ServeNode:
         self._stop = True
 
     def run(self, duration_s: float | None = None, status_every_s: float = 1.0, status=None) -> None:
+        if self.realtime is None:
+            self.apply_realtime()  # on this thread: the loop's
         gc.freeze()  # what exists now (model, sockets, buffers) is never scanned again: shorter GC pauses
         poller = zmq.Poller()
         poller.register(self.state_sock, zmq.POLLIN)

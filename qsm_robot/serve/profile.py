@@ -32,6 +32,20 @@ class ProfileError(ValueError):
     """An invalid profile, or a model that does not match it; the message names the field."""
 
 
+def _realtime(data: Any, name: str, where: str) -> "RealtimeSettings":
+    """A ``realtime`` section (absent or null: all off) as RealtimeSettings; ProfileError naming
+    the section for anything but an object of known keys."""
+    if data is None:
+        return RealtimeSettings()
+    if not isinstance(data, dict):
+        raise ProfileError(f"profile {name!r}: {where}: must be an object, got {data!r}")
+    unknown = sorted(set(data) - {f.name for f in fields(RealtimeSettings)})
+    if unknown:
+        raise ProfileError(f"profile {name!r}: {where}: unknown keys {unknown} (known: cpu_affinity, "
+                           "sched_fifo_priority, mlockall)")
+    return RealtimeSettings(**data)
+
+
 def read_json(path: str | Path, what: str, error: type[Exception]) -> Any:
     """The JSON in a file, or ``error`` saying why not (missing, unreadable, not JSON)."""
     try:
@@ -53,12 +67,50 @@ class Endpoints:
 
 
 @dataclass
+class RealtimeSettings:
+    """Real-time settings of a control loop's thread, applied when its loop starts
+    (``serve/realtime.py``); each one the OS refuses is reported with the reason and the loop runs
+    on without it. All off by default. docs/PROTOCOL.md ("Real-time settings") says what each does
+    on a robot computer with isolated cores."""
+
+    cpu_affinity: list[int] | None = None
+    """CPUs the loop thread may run on (e.g. [3], an isolated core); null: wherever the OS puts it."""
+    sched_fifo_priority: int | None = None
+    """Run the loop thread under SCHED_FIFO at this priority, 1 to 99 (needs CAP_SYS_NICE or an
+    rtprio limit); null: the default time-sharing scheduler."""
+    mlockall: bool = False
+    """Lock every page of the process in RAM, now and later (mlockall MCL_CURRENT | MCL_FUTURE):
+    no page fault to disk during a tick (needs CAP_IPC_LOCK or an unlimited memlock limit)."""
+
+    def problems(self) -> list[str]:
+        """Each invalid field, named (empty when valid)."""
+        out = []
+        cpus = self.cpu_affinity
+        if cpus is not None and not (isinstance(cpus, list) and cpus and len(set(cpus)) == len(cpus)
+                                     and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cpus)):
+            out.append(f"cpu_affinity: must be null or a non-empty list of distinct CPU numbers >= 0, got {cpus!r}")
+        prio = self.sched_fifo_priority
+        if prio is not None and not (isinstance(prio, int) and not isinstance(prio, bool) and 1 <= prio <= 99):
+            out.append(f"sched_fifo_priority: must be null or an integer from 1 to 99, got {prio!r}")
+        if not isinstance(self.mlockall, bool):
+            out.append(f"mlockall: must be true or false, got {self.mlockall!r}")
+        return out
+
+    @property
+    def is_default(self) -> bool:
+        return self == RealtimeSettings()
+
+
+@dataclass
 class RobotSettings:
     watchdog_periods: int = 5
     """The robot applies its safe command within this many periods of its last fresh command
     (at the last command cutoff inside that time)."""
     episode_steps: int | None = None
     """Control steps per simulated episode; null: the policy's episode_steps."""
+    realtime: RealtimeSettings = field(default_factory=RealtimeSettings)
+    """Real-time settings of the robot client's loop thread (on a shared host, give it other CPUs
+    than the node's)."""
 
 
 @dataclass
@@ -111,6 +163,9 @@ class Profile:
     profile and host. Turn off only for timing benchmarks and tests."""
     curve: CurveSettings | None = None
     """CURVE keys: when set, only clients with an allowed key can connect to any channel."""
+    realtime: RealtimeSettings = field(default_factory=RealtimeSettings)
+    """Real-time settings of the node's loop thread: CPU affinity, SCHED_FIFO priority, mlockall
+    (applied at start; a refused one is a warning, never a failure)."""
     flight_record_ticks: int = 120_000
     """The flight recorder keeps the last this many ticks (memory fixed at start: 64 bytes a tick
     for cartpole); whole-run counters and the latency histogram cover every tick."""
@@ -181,6 +236,11 @@ class Profile:
         need(self.max_delta_per_tick is None or min(self.max_delta_per_tick) > 0, "max_delta_per_tick", "must be > 0")
         need(self.robot.watchdog_periods >= 1, "robot", "robot.watchdog_periods must be >= 1")
         need(self.robot.episode_steps >= 1, "robot", "robot.episode_steps must be >= 1")
+        for where, settings in (("realtime", self.realtime), ("robot.realtime", self.robot.realtime)):
+            if not isinstance(settings, RealtimeSettings):
+                raise ProfileError(f"profile {self.name!r}: {where}: must be an object, got {settings!r}")
+            for problem in settings.problems():
+                raise ProfileError(f"profile {self.name!r}: {where}.{problem}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,7 +277,13 @@ class Profile:
             raise ProfileError(str(exc)) from None
         try:
             data["endpoints"] = Endpoints(**data.get("endpoints", {}))
-            data["robot"] = RobotSettings(**data.get("robot", {}))
+            robot = data.get("robot", {})
+            if not isinstance(robot, dict):
+                raise ProfileError(f"profile {name!r}: robot: must be an object, got {robot!r}")
+            robot = dict(robot)
+            robot["realtime"] = _realtime(robot.get("realtime"), name, "robot.realtime")
+            data["robot"] = RobotSettings(**robot)
+            data["realtime"] = _realtime(data.get("realtime"), name, "realtime")
             if data.get("curve") is not None:
                 data["curve"] = CurveSettings(**data["curve"])
             profile = cls(**data)
@@ -236,8 +302,10 @@ class Profile:
 
     def calibration_basis(self) -> dict[str, Any]:
         """The fields a calibration depends on: all but the name, endpoints, keys and bookkeeping."""
-        skip = ("name", "endpoints", "curve", "require_calibration", "flight_record_ticks")
-        return {k: v for k, v in self.to_dict().items() if k not in skip}
+        skip = ("name", "endpoints", "curve", "require_calibration", "flight_record_ticks", "realtime")
+        basis = {k: v for k, v in self.to_dict().items() if k not in skip}
+        basis["robot"] = {k: v for k, v in basis["robot"].items() if k != "realtime"}  # the host's, like endpoints
+        return basis
 
     def fingerprint(self) -> str:
         """SHA-256 of ``calibration_basis()`` as canonical JSON."""

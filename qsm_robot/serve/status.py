@@ -19,6 +19,8 @@ import numpy as np
 from qsm_robot.serve.protocol import NodeState, ProtocolError
 
 WIRE_DTYPE = "<f8"
+RT_STATES = {0: "off", 1: "applied", -1: "refused"}
+"""A real-time setting's code in STATUS (``serve/realtime.py``), by name in ``Status.to_dict``."""
 
 
 def _doc(text: str, size: str = "1"):
@@ -53,6 +55,14 @@ class Status:
     latency_budget_ms: float = _doc("the latency budget, ms")
     act_dim: int = _doc("number of actuators")
     obs_dim: int = _doc("number of observation values")
+    rt_cpu_affinity: int = _doc("the loop thread's CPU affinity (profile `realtime.cpu_affinity`): 1 applied, 0 off, "
+                                "-1 refused (the node's log says why)")
+    rt_cpu_mask: int = _doc("the CPUs the loop thread may run on, as a bit mask (bit i: CPU i; CPUs 0-52); 0 before "
+                            "the loop starts")
+    rt_sched_fifo_priority: int = _doc("the loop thread's SCHED_FIFO priority in force, 1-99; 0: the default "
+                                       "scheduler; -1: `realtime.sched_fifo_priority` refused")
+    rt_mlockall: int = _doc("`realtime.mlockall`: 1 applied (the process is locked in RAM), 0 off, -1 refused")
+    spin_us: float = _doc("the busy-wait window around each expected state (profile `spin_us`), µs; 0: off")
     max_delta_per_tick: tuple[float, ...] | None = _doc("the rate limit per actuator; NaN when the rate limiter "
                                                         "is off", "act_dim")
     obs_low: tuple[float, ...] | None = _doc("the observation envelope's lower bounds; NaN without an envelope",
@@ -112,6 +122,10 @@ class Status:
         for name in ("max_delta_per_tick", "obs_low", "obs_high"):
             v = d[name]
             d[name] = None if v is None else [float(f"{x:.6g}") for x in v]
+        for name in ("rt_cpu_affinity", "rt_mlockall"):
+            d[name] = RT_STATES.get(d[name], d[name])
+        d["rt_sched_fifo_priority"] = RT_STATES[-1] if self.rt_sched_fifo_priority == -1 else self.rt_sched_fifo_priority
+        d["rt_cpu_mask"] = [i for i in range(53) if self.rt_cpu_mask >> i & 1]
         return d
 
 

@@ -1,7 +1,7 @@
-"""Telemetry of the serving node: a per-tick flight recorder, a whole-run latency histogram and
-the summary at exit (ServeSummary). numpy only; the latency histogram PNG needs matplotlib and
-is skipped (with a note) on a robot computer without it: ``qsm-serve plot FILE.npz`` draws it
-anywhere later."""
+"""Telemetry of the serving node: a per-tick flight recorder (saved as MCAP:
+``serve/flight_record.py``), a whole-run latency histogram and the summary at exit
+(ServeSummary). The latency histogram PNG needs matplotlib and is skipped (with a note) on a
+robot computer without it: ``qsm-serve plot FILE.mcap`` draws it anywhere later."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qsm_robot.serve.protocol import TickFlag
-
-FLAG_NAMES = tuple(f.name.lower() for f in TickFlag)
-"""The flight record's ``flag_names``: bit i of ``flags`` is TickFlag named FLAG_NAMES[i]."""
+from qsm_robot.serve import flight_record
+from qsm_robot.serve.flight_record import FLAG_NAMES  # noqa: F401  (bit i of ``flags`` is TickFlag FLAG_NAMES[i])
 
 
 class LatencyHistogram:
@@ -49,17 +47,13 @@ class LatencyHistogram:
 class FlightRecorder:
     """The last ``capacity`` answered states, one row each, in a ring allocated (and touched) at
     start: memory stays flat however long the node runs. Whole-run counts live in ``total`` and
-    ``latency`` (a LatencyHistogram). Saved as .npz."""
+    ``latency`` (a LatencyHistogram). Saved as an MCAP flight record (``save``)."""
 
     def __init__(self, obs_dim: int, act_dim: int, capacity: int = 120_000):
         if capacity < 1:
             raise ValueError(f"flight recorder capacity must be >= 1, got {capacity}")
         self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
-        self.dtype = np.dtype([
-            ("t_recv_ns", "i8"), ("t_send_ns", "i8"), ("state_seq", "u8"), ("state_t_ns", "i8"),
-            ("policy_us", "f4"), ("node_state", "u1"), ("flags", "u2"),
-            ("command", "f4", (act_dim,)), ("obs", "f4", (obs_dim,)),
-        ])
+        self.dtype = flight_record.node_dtype(obs_dim, act_dim)
         self.rows = np.empty(capacity, self.dtype)
         self.rows.view(np.uint8)[:] = 0  # touch every page now, not while running
         self.total = 0
@@ -92,10 +86,13 @@ class FlightRecorder:
         return self.tail(self.capacity)
 
     def save(self, path: Path, **meta) -> Path:
-        np.savez_compressed(path, ticks=self.data, flag_names=np.array(FLAG_NAMES), total_ticks=self.total,
-                            latency_hist_counts=self.latency.counts,
-                            **{k: np.asarray(v) for k, v in meta.items()})
-        return path
+        """Write the rows held as an MCAP flight record (atomically); ``meta`` (strings or JSON
+        values) goes into its ``qsm_robot`` metadata record with the counts and flag names."""
+        meta = {"obs_dim": self.obs_dim, "act_dim": self.act_dim, "flag_names": list(FLAG_NAMES),
+                "total_ticks": self.total, "ticks_held": len(self.data),
+                "latency_hist_counts": self.latency.counts.tolist(), **meta}
+        return flight_record.write(path, "node", flight_record.node_messages(self.data), meta,
+                                   flight_record.monotonic_to_unix_ns())
 
 
 def percentiles(values: np.ndarray, qs=(50, 99, 99.9)) -> dict[str, float]:
@@ -156,7 +153,7 @@ class ServeSummary:
     final_state: str
     """The node's state at exit (NodeState name)."""
     flight_record: str
-    """Path of the flight record (.npz)."""
+    """Path of the flight record (.mcap)."""
 
     @classmethod
     def from_node(cls, node, wall_s: float, flight_record: Path | str) -> "ServeSummary":
@@ -194,8 +191,8 @@ class ServeSummary:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def plot_histogram(npz_path: Path, png_path: Path | None = None) -> Path | None:
-    """Latency histogram of a flight record; None if matplotlib is not installed."""
+def plot_histogram(record_path: Path, png_path: Path | None = None) -> Path | None:
+    """Latency histogram of a node's flight record (.mcap); None if matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -203,7 +200,7 @@ def plot_histogram(npz_path: Path, png_path: Path | None = None) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    ticks = np.load(npz_path)["ticks"]
+    ticks = flight_record.node_ticks(record_path)
     node_us = (ticks["t_send_ns"] - ticks["t_recv_ns"]) / 1e3
     policy_us = ticks["policy_us"][np.isfinite(ticks["policy_us"])]
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
@@ -219,7 +216,7 @@ def plot_histogram(npz_path: Path, png_path: Path | None = None) -> Path | None:
     ax.set_title(f"qsm-serve latency, {len(ticks)} ticks")
     ax.legend()
     fig.tight_layout()
-    png_path = png_path or Path(npz_path).with_suffix(".png")
+    png_path = png_path or Path(record_path).with_suffix(".png")
     fig.savefig(png_path)
     plt.close(fig)
     return png_path

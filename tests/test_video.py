@@ -114,3 +114,23 @@ def test_without_gl_qsm_sim_says_so_in_one_line_and_the_robot_still_runs(tiny_mo
     robot = json.loads((tmp_path / "robot.json").read_text())
     assert robot["steps"] == 50 and robot["commands_applied"] > 25
     assert not any(name.endswith(".mp4") for name in os.listdir(tmp_path))
+
+
+def test_the_render_thread_runs_at_the_lowest_priority_and_the_caller_keeps_its_own(tmp_path):
+    """Rendering (~20 ms a frame in software) must never take CPU from the control loop."""
+    import os
+    import threading
+
+    seen = []
+
+    def render(i):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return frames(3)[i]
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    recorder = BackgroundRecorder(VideoWriter(tmp_path / "bg.mp4", fps=10), render, lambda m: None)
+    recorder.start(0)
+    recorder.offer(1, 1)
+    assert recorder.finish(complete=True) == tmp_path / "bg.mp4"
+    assert seen == [19, 19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before

@@ -126,6 +126,22 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float) -> P
     return video.path
 
 
+RENDER_NICENESS = 19
+"""The render thread runs at the lowest CPU priority: the control loop never waits for a frame."""
+
+
+def lower_thread_priority(niceness: int = RENDER_NICENESS) -> bool:
+    """Give the calling thread the lowest CPU priority (Linux: a thread's nice value is its own).
+
+    Returns whether it was applied; elsewhere, or when refused, the thread runs on as it was.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
 class BackgroundRecorder:
     """Turns snapshots into frames (``render``) and encodes them (``writer``) on its own thread.
 
@@ -171,6 +187,7 @@ class BackgroundRecorder:
 
     def _run(self) -> None:
         previous: np.ndarray | None = None
+        lower_thread_priority()
         try:
             while (item := self.queue.get()) is not None:
                 index, snapshot = item

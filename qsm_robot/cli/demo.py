@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--robot-episodes", type=int, default=2)
     p.add_argument("--episode-steps", type=int, help="policy steps per closed-loop episode (default: the task's episode)")
     p.add_argument("--calibration-calls", type=int, default=500, help="policy calls timed by the calibration")
-    p.add_argument("--budget-margin", type=float, default=3.0,
-                   help="calibration: latency budget = p99.9 x this (3, above qsm-serve calibrate's 2: the demo's "
+    p.add_argument("--budget-margin", type=float, default=5.0,
+                   help="calibration: latency budget = p99.9 x this (5, above qsm-serve calibrate's 2: the demo's "
                         "served episodes also record a video on the same cores)")
     p.add_argument("--delta-margin", type=float, default=1.2,
                    help="calibration: per-actuator command-change limit = p99.9 of the observed changes x this")

@@ -1,4 +1,4 @@
-"""Learning benchmark: QSM on a dm_control task, eval return every 5k env steps.
+"""Learning benchmark: QSM on a dm_control task, eval return every 5k frames.
 
     python benchmarks/learning.py --preset reference --seeds 0 1 --steps 50000
     python benchmarks/learning.py --preset fast --seeds 0
@@ -29,9 +29,9 @@ def main() -> None:
     p.add_argument("--preset", default="reference")
     p.add_argument("--task", default="cartpole-swingup")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=50_000, help="environment (physics control) steps")
-    p.add_argument("--learning-starts", type=int, default=10_000, help="random-action environment steps")
-    p.add_argument("--eval-every", type=int, default=5_000, help="environment steps between evaluations")
+    p.add_argument("--steps", type=int, default=50_000, help="frames (policy steps x action repeat)")
+    p.add_argument("--learning-starts", type=int, default=10_000, help="random-action frames")
+    p.add_argument("--eval-every", type=int, default=5_000, help="frames between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--target", type=float, default=600.0)
@@ -75,7 +75,7 @@ def main() -> None:
         evals = read_csv(Path(r["run_dir"]) / "eval.csv")
         ax.plot([int(e["step"]) * repeat for e in evals], [float(e["return_mean"]) for e in evals], "-o", label=f"seed {r['seed']}")
     ax.axhline(args.target, color="gray", ls="--", lw=1)
-    ax.set(xlabel="environment steps (physics control steps)", ylabel="eval return", title=f"QSM {args.task}, preset {args.preset}")
+    ax.set(xlabel="frames (policy steps x action repeat)", ylabel="eval return", title=f"QSM {args.task}, preset {args.preset}")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

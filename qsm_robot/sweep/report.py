@@ -527,7 +527,7 @@ def _plot_curves(report: Report, path: Path) -> None:
             grid = np.unique(np.concatenate([c.frames[c.frames <= end] for c in group]))
             matrix = np.stack([np.interp(grid, c.frames, c.returns) for c in group])
             mean, low, high = curve_band(matrix, options.reps, options.confidence, options.seed)
-            style = "--" if key[0] else "-"
+            style = ("--o" if len(grid) == 1 else "--") if key[0] else "-"  # a baseline of one point: a marker
             ax.plot(grid, mean, style, color=colors[key], label=f"{_display(key[1], key[0])} (n={len(group)})")
             if low is not None:
                 ax.fill_between(grid, low, high, color=colors[key], alpha=0.2, linewidth=0)

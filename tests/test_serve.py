@@ -487,8 +487,9 @@ def test_flight_recorder_keeps_the_last_ticks_in_fixed_memory_and_counts_them_al
     rec = FlightRecorder(obs_dim=2, act_dim=1, capacity=100)
     nbytes = rec.rows.nbytes
     for i in range(250):
-        rec.add(i * 1000, i * 1000 + 10 * (i + 1), i, 0, 1.0, 2, 0, [i], np.zeros(2, np.float32))
+        rec.add(5000 + i * 1000, 5000 + i * 1000 + 10 * (i + 1), i, 0, 1.0, 2, 0, [i], np.zeros(2, np.float32))
     assert rec.rows.nbytes == nbytes and rec.total == 250
+    assert (rec.first_recv_ns, rec.last_recv_ns) == (5000, 5000 + 249 * 1000)  # the whole run's span
     assert list(rec.data["state_seq"]) == list(range(150, 250))  # oldest first
     assert list(rec.tail(3)["state_seq"]) == [247, 248, 249]
     lat = rec.latency.percentiles()

@@ -44,46 +44,27 @@ class LatencyHistogram:
         return out | {"max": self.max_us}
 
 
-class FlightRecorder:
+class FlightRecorder(flight_record.TickRing):
     """The last ``capacity`` answered states, one row each, in a ring allocated (and touched) at
     start: memory stays flat however long the node runs. Whole-run counts live in ``total`` and
     ``latency`` (a LatencyHistogram). Saved as an MCAP flight record (``save``)."""
 
     def __init__(self, obs_dim: int, act_dim: int, capacity: int = 120_000):
-        if capacity < 1:
-            raise ValueError(f"flight recorder capacity must be >= 1, got {capacity}")
-        self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
-        self.dtype = flight_record.node_dtype(obs_dim, act_dim)
-        self.rows = np.empty(capacity, self.dtype)
-        self.rows.view(np.uint8)[:] = 0  # touch every page now, not while running
-        self.total = 0
+        super().__init__(flight_record.node_dtype(obs_dim, act_dim), capacity)
+        self.obs_dim, self.act_dim, self.dtype = obs_dim, act_dim, self.rows.dtype
         self.first_recv_ns = self.last_recv_ns = 0
         self.latency = LatencyHistogram()
 
     def add(self, t_recv_ns, t_send_ns, state_seq, state_t_ns, policy_us, node_state, flags, command, obs) -> None:
-        r = self.rows[self.total % self.capacity]
+        r = self.next_row()
         r["t_recv_ns"], r["t_send_ns"], r["state_seq"], r["state_t_ns"] = t_recv_ns, t_send_ns, state_seq, state_t_ns
         r["policy_us"], r["node_state"], r["flags"] = policy_us, node_state, flags
         r["command"] = command
         r["obs"] = obs if obs is not None and obs.shape == (self.obs_dim,) else 0.0
-        if self.total == 0:
+        if self.total == 1:  # next_row() has counted this one
             self.first_recv_ns = t_recv_ns
         self.last_recv_ns = t_recv_ns
         self.latency.add((t_send_ns - t_recv_ns) / 1e3)
-        self.total += 1
-
-    def tail(self, n: int) -> np.ndarray:
-        """The last min(n, held) rows, oldest first."""
-        n = min(n, self.total, self.capacity)
-        end = self.total % self.capacity
-        if n <= end:
-            return self.rows[end - n:end]
-        return np.concatenate([self.rows[self.capacity - (n - end):], self.rows[:end]])
-
-    @property
-    def data(self) -> np.ndarray:
-        """Every row still held, oldest first."""
-        return self.tail(self.capacity)
 
     def save(self, path: Path, **meta) -> Path:
         """Write the rows held as an MCAP flight record (atomically); ``meta`` (strings or JSON

@@ -341,11 +341,11 @@ class Report:
 
 
 def fmt_frames(frames: float) -> str:
-    """50000 -> '50k', 1500000 -> '1.5M', 750 -> '750'."""
+    """50000 -> '50k', 1500000 -> '1.5M', 750 -> '750', 26666.7 -> '26.7k' (3 significant digits)."""
     for unit, size in (("M", 1e6), ("k", 1e3)):
         if abs(frames) >= size:
-            return f"{frames / size:g}{unit}"
-    return f"{frames:g}"
+            return f"{frames / size:.3g}{unit}"
+    return f"{frames:.3g}"
 
 
 def _group_key(c: Curve) -> tuple[bool, str]:

@@ -52,7 +52,10 @@ def test_demo_serves_any_shape_and_the_loop_equals_the_offline_rollout(tmp_path,
     assert robot["steps"] == EPISODE_STEPS and robot["commands_rejected"] == 0 and np.isfinite(closed)
     if summary["every_command_on_time"]:
         assert closed == pytest.approx(offline, abs=1e-6)  # the same episode, bit for bit
-    else:  # the machine was too loaded for an exact comparison: say so
+    else:  # the machine was too loaded for an exact comparison: say so, but a loop that is late
+        # most of the time is broken, not loaded (at 20-25 Hz a command has 36-45 ms to arrive)
+        off_time = robot["commands_late"] + robot["commands_one_tick_late"] + summary["node_fallbacks"]
+        assert off_time <= EPISODE_STEPS // 5, f"{off_time} of {EPISODE_STEPS} ticks without an on-time command"
         warnings.warn(f"{task}: a command was late (robot late {robot['commands_late']}, one tick late "
                       f"{robot['commands_one_tick_late']}, node fallbacks {summary['node_fallbacks']}): "
                       "closed-loop and offline returns not compared")

@@ -23,7 +23,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import zmq
 
 from qsm_robot.serve import protocol as P

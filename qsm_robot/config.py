@@ -53,6 +53,8 @@ class TrainConfig:
     """Width of the time-embedding MLP c(t)."""
     fourier_dim: int = Q.fourier_dim
     """Learnable Fourier features of t."""
+    critic_layer_norm: bool = Q.critic_layer_norm
+    """LayerNorm after every hidden layer of each critic (as in BRO and SimbaV2); the card has none."""
     init: str = Q.init
     """Weight initialisation: xavier (the reference implementation's: Xavier-uniform weights, zero
     biases, in every dense layer of denoiser, time MLP and critics) or torch (nn.Linear's default)."""
@@ -92,6 +94,8 @@ class TrainConfig:
     """Uniform random actions for this many steps, then learning begins."""
     updates_per_step: int = 1
     """Critic + actor updates per policy step once learning has begun."""
+    n_step: int = 1
+    """Rewards summed into each critic target (n-step returns); 1 is the card's one-step target."""
 
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 10_000
@@ -120,7 +124,7 @@ class TrainConfig:
         for name in ("steps", "hidden_dim", "num_layers", "time_dim", "batch_size",
                      "buffer_size", "eval_every", "eval_episodes", "log_every",
                      "checkpoint_every", "keep_checkpoints", "action_repeat",
-                     "actor_lr_decay_steps", "updates_per_step"):
+                     "actor_lr_decay_steps", "updates_per_step", "n_step"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         need(self.diffusion_steps >= 1, "diffusion_steps", "T must be >= 1")
         need(self.fourier_dim >= 2 and self.fourier_dim % 2 == 0, "fourier_dim", "must be even and >= 2")
@@ -201,6 +205,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Same method with 256-wide networks and action repeat 2: about 3x the update rate on a CPU.
     # It keeps torch's default initialisation, with which its published figures were measured.
     "fast": {"hidden_dim": 256, "action_repeat": 2, "init": "torch"},
+    # The stronger learner (issue 11 part 2): the fast preset's width and action repeat, plus
+    # LayerNorm critics, 3-step returns and 5k frames of random actions instead of 20k. See the README's
+    # ablation table for what each change is worth. Init: the reference implementation's (xavier).
+    "strong": {
+        "hidden_dim": 256, "action_repeat": 2, "critic_layer_norm": True, "n_step": 3,
+        "learning_starts": 2_500, "eval_every": 5_000,
+    },
     # Tiny networks and short intervals: tests, CI and quick looks. Learns nothing useful.
     "smoke": {
         "steps": 2_000, "hidden_dim": 32, "time_dim": 16, "fourier_dim": 8, "batch_size": 32,

@@ -29,6 +29,8 @@ class QSMConfig:
     """Width of the time-embedding MLP c(t)."""
     fourier_dim: int = 64
     """Learnable Fourier features of t."""
+    critic_layer_norm: bool = False
+    """LayerNorm (with a learnt scale and shift per critic) after every hidden layer of each critic."""
     init: str = "xavier"
     """Weight initialisation, one of :data:`qsm_robot.qsm.hyperparams.INITS`."""
     # --- diffusion (card: "Sampler", "Schedules") ---

@@ -61,7 +61,8 @@ class QSMLearner(nn.Module):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(cfg.seed)
         self.denoiser = Denoiser(obs_dim, act_dim, cfg.hidden_dim, cfg.num_layers, cfg.time_dim, cfg.fourier_dim)
-        self.critic = CriticEnsemble(obs_dim, act_dim, cfg.hidden_dim, cfg.num_layers, n=2)
+        self.critic = CriticEnsemble(obs_dim, act_dim, cfg.hidden_dim, cfg.num_layers, n=2,
+                                     layer_norm=cfg.critic_layer_norm)
         if cfg.init == "xavier":
             xavier_init_(self.denoiser)
             xavier_init_(self.critic)

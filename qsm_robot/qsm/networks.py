@@ -145,18 +145,36 @@ def xavier_init_(module: nn.Module) -> nn.Module:
     return module
 
 
+class EnsembleLayerNorm(nn.Module):
+    """LayerNorm over the last dimension with a scale and shift of each member's own: [n, B, d]."""
+
+    def __init__(self, n: int, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n, 1, dim))
+        self.bias = nn.Parameter(torch.zeros(n, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias
+
+
 class CriticEnsemble(nn.Module):
-    """``n`` independent Q(s, a) MLPs with ReLU; forward returns [n, B]."""
+    """``n`` independent Q(s, a) MLPs with ReLU (and, with ``layer_norm``, a LayerNorm before each
+    ReLU); forward returns [n, B]."""
 
     def __init__(
-        self, obs_dim: int, act_dim: int, hidden_dim: int = 512, num_layers: int = 2, n: int = 2
+        self, obs_dim: int, act_dim: int, hidden_dim: int = 512, num_layers: int = 2, n: int = 2,
+        layer_norm: bool = False,
     ):
         super().__init__()
         self.n = n
         dims = [obs_dim + act_dim] + [hidden_dim] * num_layers
         layers: list[nn.Module] = []
         for d_in, d_out in zip(dims[:-1], dims[1:]):
-            layers += [EnsembleLinear(n, d_in, d_out), nn.ReLU()]
+            layers.append(EnsembleLinear(n, d_in, d_out))
+            if layer_norm:
+                layers.append(EnsembleLayerNorm(n, d_out))
+            layers.append(nn.ReLU())
         layers.append(EnsembleLinear(n, hidden_dim, 1))
         self.net = nn.Sequential(*layers)
 

@@ -32,7 +32,7 @@ from qsm_robot.policy_io import PolicyIO
 from qsm_robot.qsm.learner import QSMConfig, QSMLearner
 from qsm_robot.qsm.policy import PolicySpec
 from qsm_robot.train.checkpoint import has_checkpoint, load_train_state, remove_temporaries, save_checkpoint
-from qsm_robot.train.replay import ReplayBuffer
+from qsm_robot.train.replay import NStepReturns, ReplayBuffer
 from qsm_robot.train.run_log import RunLog
 
 
@@ -94,6 +94,7 @@ class Trainer:
         self.eval_generator.manual_seed(int(seeds[2]))
         self.learner = QSMLearner(learner_config(cfg), self.info.obs_dim, self.info.act_dim, self.device)
         self.replay = ReplayBuffer(self.info.obs_dim, self.info.act_dim, cfg.buffer_size, self.device)
+        self.n_step = NStepReturns(cfg.n_step, cfg.gamma)
         self.step = self.episode_len = 0
         self.episode_return = self.elapsed_before = 0.0
         self.evals: list[float] = []
@@ -119,6 +120,7 @@ class Trainer:
             "actor_lr_schedule": L.actor_lr_schedule.state_dict(), "num_updates": L.num_updates,
             "generator": L.generator.get_state(), "eval_generator": self.eval_generator.get_state(),
             "numpy_rng": self.rng.bit_generator.state, REPLAY_STATE: self.replay.state_dict(),
+            "n_step_pending": self.n_step.state_dict(),
             "env": get_env_state(self.env), "eval_envs": [get_env_state(e) for e in self.eval_envs],
             "obs": torch.as_tensor(self.obs), "step": self.step, "episode_return": self.episode_return,
             "episode_len": self.episode_len, "elapsed_s": self.elapsed(), "evals": self.evals,
@@ -146,6 +148,8 @@ class Trainer:
         self.eval_generator.set_state(s["eval_generator"])
         self.rng.bit_generator.state = s["numpy_rng"]
         self.replay.load_state_dict(s[REPLAY_STATE])
+        if "n_step_pending" in s:  # checkpoints before n-step returns held none
+            self.n_step.load_state_dict(s["n_step_pending"])
         set_env_state(self.env, s["env"])
         for env, state in zip(self.eval_envs, s["eval_envs"]):
             set_env_state(env, state)
@@ -180,7 +184,8 @@ class Trainer:
         return mean
 
     def collect(self) -> float | None:
-        """One policy step in the training env, stored in the replay buffer with mask 0 only
+        """One policy step in the training env, stored in the replay buffer (as an n-step
+        transition once n steps have followed it, see :class:`NStepReturns`) with mask 0 only
         on a true termination (a time-limit truncation keeps mask 1). At an episode's end it
         logs the episode, resets the env and returns the episode's return; else None."""
         if self.step < self.cfg.learning_starts:
@@ -189,7 +194,8 @@ class Trainer:
             obs_t = torch.as_tensor(self.obs, device=self.device)[None]
             action = self.learner.act(obs_t, explore=True)[0].cpu().numpy()
         next_obs, reward, terminated, truncated, _ = self.env.step(action)
-        self.replay.add(self.obs, action, reward, next_obs, terminated)
+        for transition in self.n_step.push(self.obs, action, reward, next_obs, terminated, truncated):
+            self.replay.add(*transition)
         self.obs = next_obs
         self.episode_return += float(reward)
         self.episode_len += 1

@@ -81,7 +81,7 @@ def test_only_allowed_clients_can_arm_or_read_status(curve_node, tmp_path, keys)
             plain.send(P.MsgType.ARM)
     finally:
         plain.close()
-    assert curve_node.state == P.NodeState.IDLE
+    assert curve_node.core.state == P.NodeState.IDLE
     status = cli("status", "--profile", profile, "--key", str(keys / "operator.key_secret"))
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["node_state"] == "IDLE" and json.loads(status.stdout)["auth_denied"] >= 1
@@ -120,7 +120,7 @@ def test_beyond_loopback_needs_curve_or_an_explicit_flag_with_a_warning(tmp_path
 
 @pytest.mark.parametrize("key, commanded", [("robot", True), ("intruder", False)])
 def test_only_an_allowed_robot_exchanges_states_and_commands(curve_node, tmp_path, keys, key, commanded):
-    assert curve_node.arm("test")
+    assert curve_node.core.arm("test")
     (tmp_path / "scenario.json").write_text(json.dumps({"name": "auth", "seed": 0, "episodes": 1, "episode_steps": 60}))
     sim = subprocess.run([sys.executable, "-m", "qsm_robot.robot.node", "--profile", str(tmp_path / "profile.json"),
                           "--scenario", str(tmp_path / "scenario.json"), "--results", str(tmp_path / "robot.json"),
@@ -128,6 +128,6 @@ def test_only_an_allowed_robot_exchanges_states_and_commands(curve_node, tmp_pat
     assert sim.returncode == 0, sim.stderr
     robot = json.loads((tmp_path / "robot.json").read_text())
     if commanded:
-        assert robot["commands_applied"] >= 50 and curve_node.counters.ticks >= 50
+        assert robot["commands_applied"] >= 50 and curve_node.core.counters.ticks >= 50
     else:
-        assert robot["commands_applied"] == 0 and robot["watchdog_trips"] == 1 and curve_node.counters.ticks == 0
+        assert robot["commands_applied"] == 0 and robot["watchdog_trips"] == 1 and curve_node.core.counters.ticks == 0

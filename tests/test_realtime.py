@@ -172,12 +172,12 @@ def test_node_reports_refused_settings_in_status_and_runs_on(tmp_path, tiny_mode
                                          realtime={"cpu_affinity": [0], "sched_fifo_priority": 10, "mlockall": True}),
                      log=logs.append)
     try:
-        assert node.status().rt_mlockall == 0  # before the loop starts: nothing applied yet
+        assert node.core.status().rt_mlockall == 0  # before the loop starts: nothing applied yet
         thread = threading.Thread(target=node.run, kwargs={"duration_s": 0.2})
         thread.start()
         thread.join()
-        assert node.realtime is not None
-        status = Status.decode(node.status().encode())
+        assert node.core.realtime is not None
+        status = Status.decode(node.core.status().encode())
     finally:
         node.close()
     assert (status.rt_cpu_affinity, status.rt_sched_fifo_priority, status.rt_mlockall) == (-1, -1, -1)
@@ -198,7 +198,7 @@ def test_node_reports_applied_settings_in_status(tmp_path, tiny_model, monkeypat
                                                               "mlockall": True}), log=lambda m: None)
     try:
         on_own_thread(node.apply_realtime)  # as the loop's thread would
-        s = node.status()
+        s = node.core.status()
     finally:
         node.close()
     assert (s.rt_cpu_affinity, s.rt_cpu_mask, s.rt_sched_fifo_priority, s.rt_mlockall) == (1, 1 << cpu, 10, 1)

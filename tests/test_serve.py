@@ -16,7 +16,9 @@ from conftest import CARTPOLE_IO, SHAPES, cartpole_io, make_contract, profile_da
 
 from qsm_robot.serve import protocol as P
 from qsm_robot.serve.client import ControlClient
+from qsm_robot.serve.core import NodeCore
 from qsm_robot.serve.node import ServeNode
+from qsm_robot.serve.policy_runner import PolicyRunner
 from qsm_robot.serve.profile import Profile, ProfileError, check_contract
 from qsm_robot.serve.safety import SafetyChain, SafetyConfig
 
@@ -314,7 +316,14 @@ def test_with_the_period_check_the_profiles_rate_must_be_the_models(tmp_path):
     check_contract(replace(profile, check_control_period=False), make_contract())
 
 
-# --- the node, driven tick by tick -------------------------------------------------------------
+# --- the node's core, driven frame by frame without sockets (serve/core.py) ---------------------
+@pytest.fixture
+def core(tmp_path, model_path):
+    c = NodeCore(Profile.from_dict(profile_dict(tmp_path)), PolicyRunner(model_path, seed=0))
+    yield c
+    c.runner.close()
+
+
 @pytest.fixture
 def node(tmp_path, model_path):
     n = ServeNode(model_path, Profile.from_dict(profile_dict(tmp_path)), seed=0)
@@ -322,8 +331,8 @@ def node(tmp_path, model_path):
     n.close()
 
 
-def arm(node):
-    assert node.arm("test")
+def arm(core):
+    assert core.arm("test")
 
 
 def state_frame(seq, obs, t_ns=None):
@@ -343,117 +352,168 @@ def test_node_commands_stay_safe_whatever_arrives(tmp_path_factory, tiny_models,
                                              rate_hz=io.rate_hz, max_delta_per_tick=limit.tolist()))
     inputs = data.draw(st.lists(st.one_of(vectors(io.obs_dim).map(lambda v: ("obs", v)),
                                           st.binary(max_size=64).map(lambda b: ("bytes", b))), min_size=1, max_size=25))
-    n = ServeNode(tiny_models[shape], profile, seed=0)
+    n = NodeCore(profile, PolicyRunner(tiny_models[shape], seed=0))
     try:
         arm(n)
-        n._answer(state_frame(1, np.zeros(io.obs_dim)), time.monotonic_ns())
+        n.answer(state_frame(1, np.zeros(io.obs_dim)), time.monotonic_ns())
         for i, (kind, value) in enumerate(inputs, start=2):
             frame = state_frame(i, np.array(value, np.float32)) if kind == "obs" else value
-            n._answer(frame, time.monotonic_ns())
+            n.answer(frame, time.monotonic_ns())
         commands = n.recorder.data["command"]
         assert commands.shape[1] == io.act_dim
         assert np.isfinite(commands).all() and (np.abs(commands) <= 1.0).all()
         steps = np.abs(np.diff(np.concatenate([np.zeros((1, io.act_dim)), commands]), axis=0))
         assert (steps <= limit + 1e-6).all()
     finally:
-        n.close()
+        n.runner.close()
 
 
-def test_replayed_and_out_of_order_states_are_ignored(node):
-    arm(node)
-    node._answer(state_frame(5, np.zeros(5)), time.monotonic_ns())
-    node._answer(state_frame(5, np.zeros(5)), time.monotonic_ns())
-    node._answer(state_frame(3, np.zeros(5)), time.monotonic_ns())
-    assert node.counters.ticks == 1 and node.counters.replayed == 2
+def test_replayed_and_out_of_order_states_are_ignored(core):
+    arm(core)
+    core.answer(state_frame(5, np.zeros(5)), time.monotonic_ns())
+    core.answer(state_frame(5, np.zeros(5)), time.monotonic_ns())
+    core.answer(state_frame(3, np.zeros(5)), time.monotonic_ns())
+    assert core.counters.ticks == 1 and core.counters.replayed == 2
 
 
-def test_a_forged_sequence_number_costs_a_resync_and_a_safe_stop_not_the_stream(node):
-    arm(node)
+def test_a_forged_sequence_number_costs_a_resync_and_a_safe_stop_not_the_stream(core):
+    arm(core)
     now = time.monotonic_ns()
-    node._answer(state_frame(1, np.zeros(5), t_ns=now), now)
-    node._answer(state_frame(2**63, np.zeros(5)), time.monotonic_ns())  # forged: every real seq is now "old"
-    n = node.profile.max_consecutive_stale
+    core.answer(state_frame(1, np.zeros(5), t_ns=now), now)
+    core.answer(state_frame(2**63, np.zeros(5)), time.monotonic_ns())  # forged: every real seq is now "old"
+    n = core.profile.resync_threshold
     for seq in range(2, 2 + n):
-        node._answer(state_frame(seq, np.zeros(5)), time.monotonic_ns())
-    assert node.counters.replayed == n and node.state == P.NodeState.RUNNING
-    node._answer(state_frame(2 + n, np.zeros(5)), time.monotonic_ns())
-    assert node.counters.resyncs == 1 and node.state == P.NodeState.SAFE_STOP
-    arm(node)
-    node._answer(state_frame(3 + n, np.zeros(5)), time.monotonic_ns())
-    assert node.state == P.NodeState.RUNNING and node.recorder.data[-1]["flags"] & int(P.TickFlag.STATE_INVALID | P.TickFlag.FALLBACK | P.TickFlag.STALE) == 0
+        core.answer(state_frame(seq, np.zeros(5)), time.monotonic_ns())
+    assert core.counters.replayed == n and core.state == P.NodeState.RUNNING
+    core.answer(state_frame(2 + n, np.zeros(5)), time.monotonic_ns())
+    assert core.counters.resyncs == 1 and core.state == P.NodeState.SAFE_STOP
+    arm(core)
+    core.answer(state_frame(3 + n, np.zeros(5)), time.monotonic_ns())
+    assert core.state == P.NodeState.RUNNING and core.recorder.data[-1]["flags"] & int(P.TickFlag.STATE_INVALID | P.TickFlag.FALLBACK | P.TickFlag.STALE) == 0
 
 
-def test_a_state_from_the_future_does_not_move_the_clock(node):
-    arm(node)
+def test_a_state_from_the_future_does_not_move_the_clock(core):
+    arm(core)
     now = time.monotonic_ns()
-    node._answer(state_frame(1, np.zeros(5), t_ns=now), now)
-    node._answer(state_frame(2, np.zeros(5), t_ns=now + 10**15), time.monotonic_ns())  # forged: far ahead
-    assert node.counters.clock_jumps == 1
+    core.answer(state_frame(1, np.zeros(5), t_ns=now), now)
+    core.answer(state_frame(2, np.zeros(5), t_ns=now + 10**15), time.monotonic_ns())  # forged: far ahead
+    assert core.counters.clock_jumps == 1
     now = time.monotonic_ns()
-    node._answer(state_frame(3, np.zeros(5), t_ns=now), now)
-    assert node.counters.stale == 0 and node.state == P.NodeState.RUNNING
+    core.answer(state_frame(3, np.zeros(5), t_ns=now), now)
+    assert core.counters.stale == 0 and core.state == P.NodeState.RUNNING
 
 
-def test_a_policy_past_its_budget_gets_the_fallback_and_repeated_misses_safe_stop(node, monkeypatch):
-    arm(node)
-    node._answer(state_frame(1, np.zeros(5)), time.monotonic_ns())
-    held = node.safety.last.copy()
-    real_run = node.runner.session.run
+def test_a_policy_past_its_budget_gets_the_fallback_and_repeated_misses_safe_stop(core, monkeypatch):
+    arm(core)
+    core.answer(state_frame(1, np.zeros(5)), time.monotonic_ns())
+    held = core.safety.last.copy()
+    real_run = core.runner.session.run
 
     def slow(*args, **kwargs):
         time.sleep(0.01)  # 10 ms against a 2 ms budget
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(node.runner.session, "run", slow)
-    for seq in range(2, 2 + node.profile.max_consecutive_misses):
-        node._answer(state_frame(seq, np.zeros(5)), time.monotonic_ns())
-        row = node.recorder.data[-1]
+    monkeypatch.setattr(core.runner.session, "run", slow)
+    for seq in range(2, 2 + core.profile.max_consecutive_misses):
+        core.answer(state_frame(seq, np.zeros(5)), time.monotonic_ns())
+        row = core.recorder.data[-1]
         assert row["flags"] & int(P.TickFlag.MISS) and np.array_equal(row["command"], held)  # hold the last command
         time.sleep(0.012)
-    assert node.counters.misses == node.profile.max_consecutive_misses
-    assert node.state == P.NodeState.SAFE_STOP
-    node._answer(state_frame(100, np.zeros(5)), time.monotonic_ns())
-    assert node.recorder.data[-1]["command"][0] == 0.0  # the safe command
+    assert core.counters.misses == core.profile.max_consecutive_misses
+    assert core.state == P.NodeState.SAFE_STOP
+    core.answer(state_frame(100, np.zeros(5)), time.monotonic_ns())
+    assert core.recorder.data[-1]["command"][0] == 0.0  # the safe command
 
 
 def test_injected_stalls_are_misses_flagged_as_injected(tmp_path, model_path):
     from qsm_robot.serve.fault_injection import SpikyRunner
-    from qsm_robot.serve.policy_runner import PolicyRunner
 
     with pytest.raises(ValueError, match="must be >= 0"):
         SpikyRunner(object(), -1, 1.0)
     profile = Profile.from_dict(profile_dict(tmp_path))
     runner = SpikyRunner(PolicyRunner(model_path), every=3, spike_ms=3 * profile.latency_budget_ms)
-    n = ServeNode(model_path, profile, runner=runner)
+    n = NodeCore(profile, runner)
     try:
         arm(n)
         for seq in range(1, 7):
-            n._answer(state_frame(seq, np.zeros(5)), time.monotonic_ns())
+            n.answer(state_frame(seq, np.zeros(5)), time.monotonic_ns())
         flags = n.recorder.data["flags"].astype(int)
         injected = (flags & int(P.TickFlag.INJECTED_STALL)) > 0
         assert injected.tolist() == [False, False, True, False, False, True] and runner.spikes == 2
         assert ((flags & int(P.TickFlag.MISS)) > 0)[injected].all() and n.counters.misses >= 2
     finally:
-        n.close()
+        n.runner.close()
 
 
-def test_a_node_in_fault_refuses_arm_and_ignores_disarm(node):
+def test_a_node_in_fault_refuses_arm_and_ignores_disarm(core):
     """FAULT is left only by a restart: not by ARM, DISARM, nor ARM after an e-stop."""
     from qsm_robot.serve.state_machine import Event
 
-    node._event(Event.ERROR, "test")
-    assert node.state == P.NodeState.FAULT and not node.arm("test") and node.state == P.NodeState.FAULT
-    assert not node._event(Event.DISARM, "test") and node.state == P.NodeState.FAULT
-    node._event(Event.ESTOP, "test")
-    assert node.state == P.NodeState.FAULT and not node.arm("test") and node.state == P.NodeState.FAULT
+    core.event(Event.ERROR, "test")
+    assert core.state == P.NodeState.FAULT and not core.arm("test") and core.state == P.NodeState.FAULT
+    assert not core.event(Event.DISARM, "test") and core.state == P.NodeState.FAULT
+    core.event(Event.ESTOP, "test")
+    assert core.state == P.NodeState.FAULT and not core.arm("test") and core.state == P.NodeState.FAULT
 
 
-def test_stale_states_are_not_acted_on(node):
-    arm(node)
+def test_stale_states_are_not_acted_on(core):
+    arm(core)
     now = time.monotonic_ns()
-    node._answer(state_frame(1, np.zeros(5), t_ns=now), now)
-    node._answer(state_frame(2, np.zeros(5), t_ns=now - 100_000_000), time.monotonic_ns())  # 100 ms old
-    assert node.counters.stale == 1 and node.safety.counts["fallbacks"] == 1
+    core.answer(state_frame(1, np.zeros(5), t_ns=now), now)
+    core.answer(state_frame(2, np.zeros(5), t_ns=now - 100_000_000), time.monotonic_ns())  # 100 ms old
+    assert core.counters.stale == 1 and core.safety.counts["fallbacks"] == 1
+
+
+def test_the_core_needs_no_sockets():
+    """The node's logic imports no ZeroMQ: it is driven by frames and times alone."""
+    code = ("import sys; sys.modules['zmq'] = None; import qsm_robot.serve.core; "
+            "assert 'zmq' not in [m for m, v in sys.modules.items() if v is not None]")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_core_control_messages_change_state_and_answer_with_status(core):
+    """control(): ARM, ESTOP, ARM, DISARM move through the table; each reply is a STATUS frame
+    that refers to the request's seq; a malformed or unknown message gets no reply and is counted."""
+    from qsm_robot.serve.status import Status
+
+    states = []
+    for seq, kind in enumerate([P.MsgType.HEARTBEAT, P.MsgType.ARM, P.MsgType.ESTOP, P.MsgType.ARM,
+                                P.MsgType.DISARM], start=1):
+        reply = P.decode(core.control(P.encode(kind, seq, np.zeros(0))))
+        assert reply.type == P.MsgType.STATUS and reply.ref == seq
+        states.append(Status.decode(reply.payload).node_state.name)
+    assert states == ["IDLE", "ARMED", "SAFE_STOP", "ARMED", "IDLE"]
+    assert core.control(b"garbage") is None
+    assert core.control(P.encode(P.MsgType.STATE, 9, np.zeros(5))) is None  # a state on the control channel
+    assert core.counters.malformed == 2 and core.state == P.NodeState.IDLE
+
+
+@pytest.mark.parametrize("resync_after,stale", [(3, 25), (None, 4)])
+def test_resync_and_stale_safe_stop_are_separate_knobs(tmp_path, model_path, resync_after, stale):
+    """resync_after_rejected rejected states in a row re-sync; null falls back to
+    max_consecutive_stale (profiles written before the key keep their behaviour)."""
+    profile = Profile.from_dict(profile_dict(tmp_path, resync_after_rejected=resync_after, max_consecutive_stale=stale))
+    expected = resync_after if resync_after is not None else stale
+    assert profile.resync_threshold == expected
+    c = NodeCore(profile, PolicyRunner(model_path, seed=0))
+    try:
+        arm(c)
+        c.answer(state_frame(10**6, np.zeros(5)), time.monotonic_ns())
+        for seq in range(1, expected + 1):
+            assert c.answer(state_frame(seq, np.zeros(5)), time.monotonic_ns()) is None  # rejected: seq went back
+        assert c.counters.resyncs == 0
+        assert c.answer(state_frame(expected + 1, np.zeros(5)), time.monotonic_ns()) is not None
+        assert c.counters.resyncs == 1 and c.state == P.NodeState.SAFE_STOP
+    finally:
+        c.runner.close()
+
+
+def test_a_profile_without_the_resync_key_keeps_its_calibration_fingerprint(tmp_path):
+    data = profile_dict(tmp_path)
+    data.pop("resync_after_rejected", None)
+    old = Profile.from_dict(data)
+    assert "resync_after_rejected" not in old.calibration_basis()
+    assert Profile.from_dict({**data, "resync_after_rejected": 5}).fingerprint() != old.fingerprint()
 
 
 def test_control_channel_arms_estops_and_reports(node):

@@ -175,7 +175,7 @@ def run_closed_loop(model: Path, profile: Profile, opts: CalibrateOptions, log) 
                                        obs_high=None, require_calibration=False,
                                        flight_record_ticks=max(profile.flight_record_ticks, 2 * opts.episodes * steps))
     node = ServeNode(model, node_profile, seed=opts.seed, log=log, allow_remote=opts.allow_remote)
-    node.arm("calibration")
+    node.core.arm("calibration")
     thread = threading.Thread(target=node.run, name="calibration-node", daemon=True)
     thread.start()
     report: dict = {}
@@ -203,7 +203,7 @@ def run_closed_loop(model: Path, profile: Profile, opts: CalibrateOptions, log) 
         node.request_stop()
         thread.join(timeout=10)
         node.close()
-    return node.recorder.data.copy(), report
+    return node.core.recorder.data.copy(), report
 
 
 def calibrate(model: str | Path, profile_path: str | Path, opts: CalibrateOptions, log=None) -> CalibrationRecord:

@@ -27,13 +27,13 @@ def _fail(msg: str) -> int:
 
 
 def _status_line(node) -> None:
-    lat = node.latency_us(last=2000)
+    lat = node.core.latency_us(last=2000)
     rate = node.rate_hz
-    calib = f"calib {node.calibration_id}" if node.calibration_id else "uncalibrated"
-    line = (f"{node.state.name:9s} {rate:7.1f} Hz {calib} | node latency p50 {lat['p50']:6.0f} us p99 {lat['p99']:6.0f} us "
-            f"max {lat['max']:6.0f} us | miss {node.counters.misses} stale {node.counters.stale} "
-            f"fallback {node.safety.counts['fallbacks']} clamps {node.safety.counts['bounds_clamped']}/"
-            f"{node.safety.counts['rate_clamped']} bad-in {node.safety.counts['state_invalid'] + node.counters.malformed}")
+    calib = f"calib {node.core.calibration_id}" if node.core.calibration_id else "uncalibrated"
+    line = (f"{node.core.state.name:9s} {rate:7.1f} Hz {calib} | node latency p50 {lat['p50']:6.0f} us p99 {lat['p99']:6.0f} us "
+            f"max {lat['max']:6.0f} us | miss {node.core.counters.misses} stale {node.core.counters.stale} "
+            f"fallback {node.core.safety.counts['fallbacks']} clamps {node.core.safety.counts['bounds_clamped']}/"
+            f"{node.core.safety.counts['rate_clamped']} bad-in {node.core.safety.counts['state_invalid'] + node.core.counters.malformed}")
     if sys.stderr.isatty():
         print("\r" + line, end="", file=sys.stderr, flush=True)
     else:
@@ -83,7 +83,7 @@ def run(args) -> int:
         return _fail(f"{type(exc).__name__}: {exc}")
     install_signal_handlers(node)
     rt = node.apply_realtime()  # this thread runs the loop; a refused setting is one warning, never a failure
-    c = node.runner.contract
+    c = node.core.runner.contract
     source = f"calibration {record.name!r} (id {record.short_id})" if record else "the profile (no calibration record)"
     print(f"{PROG}: {args.model} ({c.sampler}, {c.sampler_steps} step(s), task {c.io.task}) under profile "
           f"{profile.name!r}: {profile.rate_hz:g} Hz; state {profile.endpoints.state}, command "
@@ -93,7 +93,7 @@ def run(args) -> int:
           f"{profile.max_delta_per_tick}, obs_low {profile.obs_low}, obs_high {profile.obs_high}\n"
           f"{PROG}: {rt.banner()}", file=sys.stderr)
     if args.arm:
-        node.arm("armed at start (--arm)")
+        node.core.arm("armed at start (--arm)")
 
     t0 = time.monotonic()
     try:
@@ -106,26 +106,26 @@ def run(args) -> int:
     out = Path(args.record_dir)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    record = node.recorder.save(out / f"flight-{stamp}.mcap", profile=json.dumps(profile.to_dict()),
+    record = node.core.recorder.save(out / f"flight-{stamp}.mcap", profile=json.dumps(profile.to_dict()),
                                 model=str(args.model), realtime=json.dumps(rt.to_dict()))
     png = plot_histogram(record)
-    lat = node.latency_us(last=None)
-    s = node.safety.counts
+    lat = node.core.latency_us(last=None)
+    s = node.core.safety.counts
     summary = ServeSummary.from_node(node, wall, record)
     atomic_write_text(out / f"summary-{stamp}.json", summary.to_json())
     rows = [
-        ("wall time", f"{wall:.1f} s"), ("states answered", node.counters.ticks),
+        ("wall time", f"{wall:.1f} s"), ("states answered", node.core.counters.ticks),
         ("mean rate", f"{summary.mean_rate_hz:.1f} Hz while states came (profile {profile.rate_hz:g} Hz)"),
         ("node latency", f"p50 {lat['p50']:.0f} us, p99 {lat['p99']:.0f} us, p99.9 {lat['p99.9']:.0f} us, max {lat['max']:.0f} us"),
-        ("deadline misses", node.counters.misses),
-        ("sent past the budget", f"{node.counters.over_budget} (policy in time, then the send was late)"), ("stale", node.counters.stale), ("fallbacks", s["fallbacks"]),
+        ("deadline misses", node.core.counters.misses),
+        ("sent past the budget", f"{node.core.counters.over_budget} (policy in time, then the send was late)"), ("stale", node.core.counters.stale), ("fallbacks", s["fallbacks"]),
         ("clamps (bounds / rate)", f"{s['bounds_clamped']} / {s['rate_clamped']}"),
         ("invalid states / actions", f"{s['state_invalid']} / {s['action_invalid']}"),
-        ("malformed / replayed msgs", f"{node.counters.malformed} / {node.counters.replayed}"),
-        ("clock jumps / re-syncs", f"{node.counters.clock_jumps} / {node.counters.resyncs}"),
-        ("out of envelope", s["obs_out_of_range"]), ("safe-stops", f"{node.counters.safe_stops} {list(node.counters.reasons)[:3]}"),
-        ("internal errors", node.counters.errors), ("final state", node.state.name),
-        ("flight record", f"{record} (MCAP, last {len(node.recorder.data)} ticks)"),
+        ("malformed / replayed msgs", f"{node.core.counters.malformed} / {node.core.counters.replayed}"),
+        ("clock jumps / re-syncs", f"{node.core.counters.clock_jumps} / {node.core.counters.resyncs}"),
+        ("out of envelope", s["obs_out_of_range"]), ("safe-stops", f"{node.core.counters.safe_stops} {list(node.core.counters.reasons)[:3]}"),
+        ("internal errors", node.core.counters.errors), ("final state", node.core.state.name),
+        ("flight record", f"{record} (MCAP, last {len(node.core.recorder.data)} ticks)"),
         ("latency histogram", png or "matplotlib not installed: qsm-serve plot " + str(record)),
         ("summary", out / f"summary-{stamp}.json"),
     ]

@@ -15,34 +15,17 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from qsm_robot.serve.profile import CurveSettings
+
 
 class AuthError(ValueError):
     """A missing or unreadable key, or a CURVE set-up that cannot work; the text says which."""
-
-
-@dataclass
-class CurveSettings:
-    """The ``curve`` section of a deployment profile. Relative paths are relative to the profile file."""
-
-    server_secret_key: str
-    """The node's key pair (a ``.key_secret`` file written by ``qsm-serve keygen``)."""
-    server_public_key: str
-    """The node's public key (``.key``): what robots and operators need to reach it."""
-    allowed_clients: str
-    """Folder of allowed clients' public keys (``*.key``); every other client is refused."""
-
-    def resolve(self, base: Path) -> "CurveSettings":
-        def path(p: str) -> str:
-            return str(p if Path(p).is_absolute() else (base / p).resolve())
-
-        return CurveSettings(path(self.server_secret_key), path(self.server_public_key), path(self.allowed_clients))
 
 
 def generate_keypair(folder: str | Path, name: str, overwrite: bool = False) -> tuple[Path, Path]:

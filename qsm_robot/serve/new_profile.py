@@ -83,6 +83,7 @@ def starting_profile(io: PolicyIO, name: str) -> tuple[dict[str, Any], list[str]
         "stale_periods": stale,
         "max_consecutive_misses": _periods(MISSES_S, period, 3),
         "max_consecutive_stale": _periods(STALE_RUN_S, period, 3),
+        "resync_after_rejected": _periods(MISSES_S, period, 3),
         "max_delta_per_tick": None,
         "soft_start_ticks": 0,
         "endpoints": {"state": "tcp://127.0.0.1:5601", "command": "tcp://127.0.0.1:5602",

@@ -21,7 +21,6 @@ import numpy as np
 
 from qsm_robot.export.contract import ModelContract
 from qsm_robot.policy_io import PERIOD_RTOL, PolicyIO, PolicyIOError
-from qsm_robot.serve.auth import CurveSettings
 
 PROFILE_VERSION = 2
 V1_KEYS = ("task", "obs_dim", "act_dim", "action_low", "action_high")
@@ -102,6 +101,24 @@ class RealtimeSettings:
 
 
 @dataclass
+class CurveSettings:
+    """The ``curve`` section of a deployment profile. Relative paths are relative to the profile file."""
+
+    server_secret_key: str
+    """The node's key pair (a ``.key_secret`` file written by ``qsm-serve keygen``)."""
+    server_public_key: str
+    """The node's public key (``.key``): what robots and operators need to reach it."""
+    allowed_clients: str
+    """Folder of allowed clients' public keys (``*.key``); every other client is refused."""
+
+    def resolve(self, base: Path) -> "CurveSettings":
+        def path(p: str) -> str:
+            return str(p if Path(p).is_absolute() else (base / p).resolve())
+
+        return CurveSettings(path(self.server_secret_key), path(self.server_public_key), path(self.allowed_clients))
+
+
+@dataclass
 class RobotSettings:
     watchdog_periods: int = 5
     """The robot applies its safe command within this many periods of its last fresh command
@@ -141,6 +158,10 @@ class Profile:
     max_consecutive_stale: int = 25
     """Consecutive stale or invalid states that send the node to safe-stop; with no state at
     all, safe-stop comes within stale_periods + max_consecutive_stale periods of the last one."""
+    resync_after_rejected: int | None = None
+    """States in a row rejected for their seq or their clock after which the node takes the next
+    one as the stream's new reference (re-sync) and safe-stops. null: max_consecutive_stale, which
+    decided this too before profiles had this key (so older profiles keep their behaviour)."""
     fallback: str = "hold"
     """On a miss or a bad state: 'hold' the last command or send the 'safe' command."""
     spin_us: float = 0.0
@@ -205,6 +226,11 @@ class Profile:
         return self.policy.action_high
 
     @property
+    def resync_threshold(self) -> int:
+        """``resync_after_rejected``, or ``max_consecutive_stale`` where that is null."""
+        return self.max_consecutive_stale if self.resync_after_rejected is None else self.resync_after_rejected
+
+    @property
     def period_s(self) -> float:
         return 1.0 / self.rate_hz
 
@@ -219,6 +245,8 @@ class Profile:
         need(0 < self.latency_budget_ms * 1e-3 < self.period_s, "latency_budget_ms", "must be > 0 and below the period")
         for name in ("stale_periods", "max_consecutive_misses", "max_consecutive_stale"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
+        need(self.resync_after_rejected is None or self.resync_after_rejected >= 1, "resync_after_rejected",
+             "must be null or >= 1")
         need(self.flight_record_ticks >= 1, "flight_record_ticks", "must be >= 1")
         need(self.soft_start_ticks >= 0, "soft_start_ticks", "must be >= 0")
         need(0 <= self.spin_us * 1e-6 < self.period_s / 2, "spin_us", "must be >= 0 and below half the period")
@@ -305,6 +333,8 @@ class Profile:
         skip = ("name", "endpoints", "curve", "require_calibration", "flight_record_ticks", "realtime")
         basis = {k: v for k, v in self.to_dict().items() if k not in skip}
         basis["robot"] = {k: v for k, v in basis["robot"].items() if k != "realtime"}  # the host's, like endpoints
+        if basis["resync_after_rejected"] is None:  # as profiles before the key: their records stay valid
+            del basis["resync_after_rejected"]
         return basis
 
     def fingerprint(self) -> str:

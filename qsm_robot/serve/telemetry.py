@@ -139,16 +139,16 @@ class ServeSummary:
     @classmethod
     def from_node(cls, node, wall_s: float, flight_record: Path | str) -> "ServeSummary":
         """The summary of a ServeNode that has stopped."""
-        c, s = node.counters, node.safety.counts
-        lat = node.latency_us(last=None)
-        return cls(wall_s=round(wall_s, 3), states_answered=c.ticks, mean_rate_hz=round(node.answered_rate_hz(), 3),
+        c, s = node.core.counters, node.core.safety.counts
+        lat = node.core.latency_us(last=None)
+        return cls(wall_s=round(wall_s, 3), states_answered=c.ticks, mean_rate_hz=round(node.core.answered_rate_hz(), 3),
                    profile_rate_hz=node.profile.rate_hz, node_latency_us={k: round(v, 1) for k, v in lat.items()},
                    misses=c.misses, over_budget=c.over_budget, stale=c.stale,
                    **{k: s[k] for k in ("state_invalid", "obs_out_of_range", "action_invalid", "bounds_clamped",
                                         "rate_clamped", "fallbacks")},
                    malformed=c.malformed, replayed=c.replayed, clock_jumps=c.clock_jumps, resyncs=c.resyncs,
                    safe_stops=c.safe_stops, safe_stop_reasons=list(c.reasons), internal_errors=c.errors,
-                   injected_stalls=getattr(node.runner, "spikes", 0), final_state=node.state.name,
+                   injected_stalls=getattr(node.core.runner, "spikes", 0), final_state=node.core.state.name,
                    flight_record=str(flight_record))
 
     def to_dict(self) -> dict:

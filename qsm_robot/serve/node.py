@@ -40,6 +40,30 @@ def is_loopback(endpoint: str) -> bool:
     return endpoint.startswith(("ipc://", "inproc://")) or host in ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
+def bind_sockets(ctx: zmq.Context, profile: Profile, curve: CurveServer | None = None):
+    """The node's three sockets, bound with their options: (state SUB, command PUB, control ROUTER).
+    benchmarks/serve_floor.py binds the same ones for its bare round trip."""
+
+    def bind(kind: int, endpoint: str, conflate: bool) -> zmq.Socket:
+        sock = ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.secure(sock)
+        if conflate:
+            sock.setsockopt(zmq.CONFLATE, 1)  # keep only the newest message: never act on a queue of old states
+        else:
+            sock.setsockopt(zmq.SNDHWM, 100)
+            sock.setsockopt(zmq.RCVHWM, 100)
+        if kind in (zmq.ROUTER, zmq.SUB):  # no valid message is larger: ZeroMQ drops the frame and its sender's connection
+            sock.setsockopt(zmq.MAXMSGSIZE, 4096 if kind == zmq.ROUTER else P.HEADER_SIZE + 4 * P.MAX_COUNT)
+        sock.bind(endpoint)
+        return sock
+
+    state = bind(zmq.SUB, profile.endpoints.state, conflate=True)
+    state.setsockopt(zmq.SUBSCRIBE, b"")
+    return state, bind(zmq.PUB, profile.endpoints.command, False), bind(zmq.ROUTER, profile.endpoints.control, False)
+
+
 class ServeNode:
     """The ZeroMQ loop around a :class:`NodeCore`: binds the three sockets, applies the real-time
     settings, and runs ``read -> core -> write`` on the monotonic clock."""
@@ -72,25 +96,7 @@ class ServeNode:
         self._rate_hz = 0.0
         self._rate_mark: tuple[int, int] | None = None  # (time, ticks) at the last status interval
 
-        self.state_sock = self._socket(zmq.SUB, profile.endpoints.state, conflate=True)
-        self.state_sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.command_sock = self._socket(zmq.PUB, profile.endpoints.command, conflate=False)
-        self.control_sock = self._socket(zmq.ROUTER, profile.endpoints.control, conflate=False)
-
-    def _socket(self, kind: int, endpoint: str, conflate: bool) -> zmq.Socket:
-        sock = self.ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        if self.curve is not None:
-            self.curve.secure(sock)
-        if conflate:
-            sock.setsockopt(zmq.CONFLATE, 1)  # keep only the newest message: never act on a queue of old states
-        else:
-            sock.setsockopt(zmq.SNDHWM, 100)
-            sock.setsockopt(zmq.RCVHWM, 100)
-        if kind in (zmq.ROUTER, zmq.SUB):  # no valid message is larger: ZeroMQ drops the frame and its sender's connection
-            sock.setsockopt(zmq.MAXMSGSIZE, 4096 if kind == zmq.ROUTER else P.HEADER_SIZE + 4 * P.MAX_COUNT)
-        sock.bind(endpoint)
-        return sock
+        self.state_sock, self.command_sock, self.control_sock = bind_sockets(self.ctx, profile, self.curve)
 
     def apply_realtime(self) -> realtime.RealtimeReport:
         """Apply the profile's ``realtime`` settings to the calling thread, which must be the one

@@ -39,7 +39,7 @@ def test_message_round_trip():
     frame = P.encode(P.MsgType.COMMAND, 7, [1.5, -2.0], ref=3, flags=P.CommandFlag.FALLBACK, t_ns=123)
     msg = P.decode(frame)
     assert (msg.type, msg.seq, msg.ref, msg.flags, msg.t_ns) == (P.MsgType.COMMAND, 7, 3, 1, 123)
-    assert msg.payload.tolist() == [1.5, -2.0] and len(frame) == 32 + 8
+    assert msg.payload.tolist() == [1.5, -2.0] and len(frame) == 40 + 8
 
 
 @pytest.mark.parametrize("frame,reason", [

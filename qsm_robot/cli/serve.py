@@ -155,7 +155,7 @@ def control(args) -> int:
         return _fail(str(exc))
     try:
         status = client.send(kind)
-    except TimeoutError as exc:
+    except (TimeoutError, P.ProtocolError) as exc:  # ProtocolError: e.g. a node of another protocol version
         return _fail(str(exc))
     finally:
         client.close()
@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--inject-spike-ms", type=float, default=0.0, metavar="MS", help="length of an injected stall")
     r.set_defaults(func=run)
     for name in ("arm", "disarm", "estop", "status"):
-        c = sub.add_parser(name, help=f"send {name.upper()} to a running node and print its status")
+        sent = "HEARTBEAT (a status request)" if name == "status" else name.upper()
+        c = sub.add_parser(name, help=f"send {sent} to a running node and print the STATUS it answers with")
         c.add_argument("--profile", help="profile whose control endpoint to use")
         c.add_argument("--endpoint", help="control endpoint (instead of --profile)")
         c.add_argument("--timeout", type=float, default=1.0)

@@ -121,6 +121,10 @@ class RobotReport:
     """For each recovery after a trip: monotonic time at which a fresh command was applied again."""
     safe_commands_from_node: int = 0
     """Accepted commands flagged as the node's safe command (node not running, e-stop, safe-stop)."""
+    restart_flagged: int = 0
+    """States sent with the restart flag: from the start until the node answered one of them."""
+    wrong_version: int = 0
+    """Frames of another protocol version from the node (dropped; the first one is logged)."""
     latency_us: dict = field(default_factory=dict)
     """state sent -> command received, at the robot: p50, p99, p99.9, max (last LATENCY_WINDOW commands)."""
     achieved_rate_hz: float = 0.0
@@ -170,6 +174,8 @@ class CommandGate:
         """This tick's state sent -> its command received, once it has come."""
         self.tick_flags = 0
         """The last decided tick's robot flags (bits of ``flight_record.ROBOT_FLAG_NAMES``)."""
+        self.answered = False
+        """Whether the node has answered a state of this run (the restart flag goes off then)."""
 
     def state_sent(self, seq: int, t_ns: int | None) -> None:
         """A new tick: the state ``seq`` went out at ``t_ns`` (None: it was not sent)."""
@@ -193,8 +199,11 @@ class CommandGate:
             self.n_latencies += 1
             if msg.ref == self.seq:
                 self.fresh_latency_ns = latency
-        if msg.ref > self.seq or msg.ref <= self.last_applied_ref or msg.ref < self.seq - self.watchdog_periods:
-            return False  # answers no state of ours, already superseded, or too old to be fresh
+        if msg.ref > self.seq or msg.ref < 1:
+            return False  # answers no state of ours
+        self.answered = True  # the node took a state of this run: the restart is through
+        if msg.ref <= self.last_applied_ref or msg.ref < self.seq - self.watchdog_periods:
+            return False  # already superseded, or too old to be fresh
         if not self.valid(msg.payload):
             self.report.commands_rejected += 1
             return False
@@ -367,6 +376,11 @@ class RobotClient:
                 continue
             try:
                 msg = P.decode(self.cmd_sock.recv(zmq.NOBLOCK))
+            except P.VersionError as exc:
+                if not gate.report.wrong_version:
+                    self.log(f"the node sent a frame of {exc}")
+                gate.report.wrong_version += 1
+                continue
             except (zmq.Again, P.ProtocolError):
                 continue
             if gate.offer(msg, time.monotonic_ns()):
@@ -387,7 +401,7 @@ class RobotClient:
         report.realtime = rt.to_dict()
         gate = CommandGate(prof, report, self.log)
         time.sleep(connect_wait_s)  # let the PUB/SUB connections form before the first state
-        seq, ep_steps, flags = 0, 0, int(P.StateFlag.RESTART | P.StateFlag.EPISODE_START)
+        seq, ep_steps, flags = 0, 0, int(P.StateFlag.EPISODE_START)
         start = deadline = time.monotonic_ns()
         poller = zmq.Poller()
         poller.register(self.cmd_sock, zmq.POLLIN)
@@ -399,6 +413,9 @@ class RobotClient:
             # 1. read: observe and publish the state
             obs = self.observe()
             seq += 1
+            if not gate.answered:  # restart flag on every state until the node answers one (PROTOCOL.md, Restarts)
+                flags |= int(P.StateFlag.RESTART)
+                report.restart_flagged += 1
             sent_flags = flags
             t_sent = self.send_state(obs, seq, flags)
             if t_sent is not None:

@@ -32,7 +32,8 @@ class ControlClient:
         return self.request(kind).to_dict()
 
     def request(self, kind: P.MsgType) -> Status:
-        """Send one control message; return the node's status reply."""
+        """Send one control message; return the node's status reply. A reply of another protocol
+        version raises ``protocol.VersionError`` (its text names both versions)."""
         self.seq += 1
         self.sock.send(P.encode(kind, self.seq))
         while True:

@@ -5,8 +5,9 @@ Like a ros2_control controller, the core only ``update``s: the loop in ``serve/n
 frames and the clock from its sockets, calls the core, and writes the bytes the core returns.
 
     loop (node.py)                         core (this file)
-    frame = state_sock.recv()      ->      admitted = core.admit(frame, t_recv)
-    (when the state is due)        ->      answer = core.act(admitted)
+    frame = state_sock.recv()      ->      core.hold(core.admit(frame, t_recv))
+    (at core.due_at())             ->      admitted = core.take_due(now)
+                                           answer = core.act(admitted)
     command_sock.send(answer.frame)
     t_send = clock()               ->      core.record(answer, t_send)
     frame = control_sock.recv()    ->      reply = core.control(frame)      (send reply, if any)
@@ -51,6 +52,10 @@ class Counters:
     resyncs: int = 0
     safe_stops: int = 0
     errors: int = 0
+    wrong_version: int = 0
+    restarts: int = 0
+    seq_gaps: int = 0
+    superseded: int = 0
     reasons: deque = field(default_factory=lambda: deque(maxlen=20))
     """The reasons of the last 20 safe-stops (fixed memory however long the node runs)."""
 
@@ -80,6 +85,40 @@ class Answer:
     """The policy's own run time, NaN when the policy did not answer."""
 
 
+class FloodGuard:
+    """How often the policy may be evaluated: a token bucket of ``burst`` evaluations, refilled at
+    ``per_period`` evaluations per period (integer credit in nanoseconds).
+
+    A steady robot never waits (one state a period leaves the bucket full); a late state and the
+    on-time state right after it are both answered at once; a flood of states drives the policy at
+    most ``per_period`` times a period on average.
+    """
+
+    def __init__(self, period_ns: int, burst: int = 2, per_period: int = 2):
+        self.cost = period_ns // per_period
+        self.capacity = burst * self.cost
+        self.credit = self.capacity
+        self.t: int | None = None
+
+    def _refill(self, now: int) -> None:
+        if self.t is not None:
+            self.credit = min(self.capacity, self.credit + max(0, now - self.t))
+        self.t = now
+
+    def ready_at(self, now: int) -> int:
+        """The earliest time an evaluation may run (``now`` when one may run at once)."""
+        self._refill(now)
+        return now + max(0, self.cost - self.credit)
+
+    def take(self, now: int) -> bool:
+        """Spend one evaluation if the bucket holds one."""
+        self._refill(now)
+        if self.credit < self.cost:
+            return False
+        self.credit -= self.cost
+        return True
+
+
 class NodeCore:
     """Everything the node decides, given frames and times; see the module docstring."""
 
@@ -107,6 +146,10 @@ class NodeCore:
         self._last_good_ns: int | None = None
         self._offset_ns: int | None = None
         self._consecutive_misses = self._consecutive_stale = self._consecutive_rejected = 0
+        self._restarting = False  # the last state taken carried the restart flag
+        self.pending: Admitted | None = None
+        """The newest admitted state, until it is due (``take_due``)."""
+        self.flood_guard = FloodGuard(self.period_ns)
 
     # --- state machine ---------------------------------------------------------------------
     def event(self, event: Event, reason: str) -> bool:
@@ -152,6 +195,9 @@ class NodeCore:
         None for a malformed one (counted), which gets no reply."""
         try:
             msg = P.decode(frame)
+        except P.VersionError:
+            self.counters.wrong_version += 1
+            return None
         except P.ProtocolError:
             self.counters.malformed += 1
             return None
@@ -190,6 +236,7 @@ class NodeCore:
                       rt_cpu_affinity=rt.cpu_affinity.code if rt else 0, rt_cpu_mask=rt.cpu_mask if rt else 0,
                       rt_sched_fifo_priority=(-1 if rt.sched_fifo.state == realtime.REFUSED else rt.fifo_priority)
                       if rt else 0, rt_mlockall=rt.mlockall.code if rt else 0, spin_us=float(self.profile.spin_us),
+                      wrong_version=c.wrong_version, restarts=c.restarts, seq_gaps=c.seq_gaps, superseded=c.superseded,
                       max_delta_per_tick=vec(cfg.max_delta),
                       obs_low=vec(cfg.obs_low), obs_high=vec(cfg.obs_high))
 
@@ -212,23 +259,34 @@ class NodeCore:
         A rejected frame never takes the place of a pending good state."""
         try:
             msg = P.decode(frame)
+        except P.VersionError as exc:
+            if not self.counters.wrong_version:
+                self.log(f"qsm-serve: a peer sent a frame of {exc} (counted in wrong_version, dropped)")
+            self.counters.wrong_version += 1
+            return None
         except P.ProtocolError:
             self.counters.malformed += 1
             return None
         if msg.type != P.MsgType.STATE:
             self.counters.malformed += 1
             return None
-        restart = bool(msg.flags & P.StateFlag.RESTART) and msg.seq <= 1  # the robot's first state after its (re)start
+        flagged = bool(msg.flags & P.StateFlag.RESTART)
+        # A new stream: a state with the restart flag after one without it (or the first state the
+        # node reads), or a flagged state that does not follow the flagged stream (the robot
+        # restarted again). The robot sets the flag until one of its states is answered, so a
+        # restart survives the loss of its first states (ZeroMQ drops what is published before
+        # the connection is up); the states before the first one read are counted as seq gaps.
+        restart = flagged and (not self._restarting or self.last_state_seq is None or msg.seq <= self.last_state_seq)
         # Re-sync: after resync_after_rejected states in a row rejected for their seq or their
         # clock, the stream itself has changed (a robot restarted without its flag, a forged seq
         # or clock): take this state as the new reference, and safe-stop, so that acting on the
         # new stream needs an operator's ARM.
-        resync = restart or self._consecutive_rejected >= self.profile.resync_threshold
-        if resync and not restart:
+        resync = not restart and self._consecutive_rejected >= self.profile.resync_threshold
+        if resync:
             self.counters.resyncs += 1
             self.event(Event.RESYNC, f"re-synchronised to the state stream after {self._consecutive_rejected} "
                                      "rejected states: ARM to continue")
-        if self.last_state_seq is not None and msg.seq <= self.last_state_seq and not resync:
+        if self.last_state_seq is not None and msg.seq <= self.last_state_seq and not (resync or restart):
             self.counters.replayed += 1  # old, replayed or out-of-order: never act on it
             self._consecutive_rejected += 1
             return None
@@ -240,14 +298,45 @@ class NodeCore:
             if transit < -self.stale_ns:
                 self.counters.clock_jumps += 1
                 self._consecutive_rejected += 1
+                self._take_seq(msg.seq, restart, resync, flagged)  # counted once: as a clock jump, not a gap
                 return None
             self._offset_ns = 0
         else:
             # Two unsynchronised clocks: the offset is the smallest transit since the robot's start.
-            self._offset_ns = transit if self._offset_ns is None or resync else min(self._offset_ns, transit)
-        self.last_state_seq = msg.seq
+            new_reference = self._offset_ns is None or resync or restart
+            self._offset_ns = transit if new_reference else min(self._offset_ns, transit)
+        self._take_seq(msg.seq, restart, resync, flagged)
         self._consecutive_rejected = 0
         return Admitted(msg, transit - self._offset_ns, t_recv)
+
+    def _take_seq(self, seq: int, restart: bool, resync: bool, flagged: bool) -> None:
+        """``seq`` becomes the last one taken; the seqs skipped to reach it are counted as gaps."""
+        if restart:
+            self.counters.restarts += 1
+            self.counters.seq_gaps += max(0, seq - 1)  # the new stream's states before this one
+        elif self.last_state_seq is not None and not resync:
+            self.counters.seq_gaps += seq - self.last_state_seq - 1
+        self.last_state_seq = seq
+        self._restarting = flagged
+
+    def hold(self, admitted: Admitted | None) -> None:
+        """Keep an admitted state until it is due; one still pending is superseded (counted)."""
+        if admitted is None:
+            return
+        if self.pending is not None:
+            self.counters.superseded += 1
+        self.pending = admitted
+
+    def due_at(self, now: int) -> int | None:
+        """When the pending state may be evaluated (None: nothing pending)."""
+        return None if self.pending is None else self.flood_guard.ready_at(now)
+
+    def take_due(self, now: int) -> Admitted | None:
+        """The pending state, if the flood guard lets it be evaluated now."""
+        if self.pending is None or not self.flood_guard.take(now):
+            return None
+        admitted, self.pending = self.pending, None
+        return admitted
 
     def act(self, admitted: Admitted) -> Answer:
         """Decide the one command an admitted state gets (the policy's while RUNNING and usable,

@@ -7,8 +7,9 @@ writes the bytes the core returns. Nothing here decides how a state is answered.
 Timing: each STATE is answered as soon as it arrives (the policy runs on a worker thread and the
 tick gives up on it at the budget, sending the fallback command). Periodic work (staleness,
 status) runs on an absolute schedule of the monotonic clock: deadline k is t0 + k * period,
-never "one period after the work". At most one state is evaluated per half period, so a flood
-of states cannot drive the policy faster than twice the nominal rate.
+never "one period after the work". The flood guard (``core.FloodGuard``) evaluates at most two
+states back to back and two per period on average: a late state and the on-time one after it are
+both answered at once, and a flood cannot drive the policy faster than twice the nominal rate.
 
 States (serve/state_machine.py holds the whole table): IDLE -> (ARM) -> ARMED -> (first good
 state) -> RUNNING; ESTOP, too many consecutive misses, stale ticks or rejected states (re-sync)
@@ -30,7 +31,7 @@ import zmq
 from qsm_robot.serve import protocol as P
 from qsm_robot.serve import realtime
 from qsm_robot.serve.auth import CurveServer
-from qsm_robot.serve.core import Admitted, NodeCore
+from qsm_robot.serve.core import NodeCore
 from qsm_robot.serve.policy_runner import PolicyRunner
 from qsm_robot.serve.profile import Profile
 
@@ -89,8 +90,6 @@ class ServeNode:
         self.core = NodeCore(profile, runner, calibration_id, self.log,
                              auth_denied=lambda: self.curve.denied if self.curve else 0)
         self._stop = False
-        self._last_eval_ns = -(10**18)
-        self._pending: Admitted | None = None
         self.spin_ns = int(profile.spin_us * 1e3)
         self._expected_ns: int | None = None  # when the next state should arrive
         self._rate_hz = 0.0
@@ -154,12 +153,12 @@ class ServeNode:
         end = None if duration_s is None else start + int(duration_s * 1e9)
         next_status = start + int(status_every_s * 1e9)
         self._mark_rate(start)
-        min_gap = period // 2
         while not self._stop and (end is None or time.monotonic_ns() < end):
             now = time.monotonic_ns()
             wake = deadline + period
-            if self._pending is not None:
-                wake = min(wake, self._last_eval_ns + min_gap)
+            due = core.due_at(now)
+            if due is not None:
+                wake = min(wake, due)
             # Around the expected arrival of the next state, spin (poll without blocking): a core
             # that went idle takes hundreds of microseconds to wake on a message.
             if self._expected_ns is not None and self.spin_ns:
@@ -173,7 +172,7 @@ class ServeNode:
             # by the flood guard is due at an exact time: sleep to it (a newer state would only
             # replace it, and is read right after).
             left = wake - now
-            if self._pending is not None and 0 < left < 1_500_000:
+            if due is not None and 0 < left < 1_500_000:
                 time.sleep(left / 1e9)
                 left = 0
             events = dict(poller.poll(-(-left // 1_000_000) if left > 0 else 0))
@@ -181,15 +180,12 @@ class ServeNode:
                 if self.state_sock in events:  # read
                     try:
                         frame, t_recv = self.state_sock.recv(zmq.NOBLOCK), time.monotonic_ns()
-                        admitted = core.admit(frame, t_recv)
-                        if admitted is not None:
-                            self._pending = admitted
+                        core.hold(core.admit(frame, t_recv))
                     except zmq.Again:
                         pass
                 now = time.monotonic_ns()
-                if self._pending is not None and now - self._last_eval_ns >= min_gap:
-                    admitted, self._pending = self._pending, None
-                    self._last_eval_ns = now
+                admitted = core.take_due(now)
+                if admitted is not None:
                     self._expected_ns = admitted.t_recv + period
                     answer = core.act(admitted)  # update
                     self.command_sock.send(answer.frame)  # write

@@ -1,19 +1,24 @@
 """Wire format of qsm-robot's control channels (docs/PROTOCOL.md is the normative text).
 
-Every message is one ZeroMQ frame: a 32-byte little-endian header, then ``count`` float32
+Every message is one ZeroMQ frame: a 40-byte little-endian header, then ``count`` float32
 values (STATUS: ``count / 2`` float64 values, ``status.Status``). No pickle, no variable-length
 text on the hot path.
 
     offset size type     field
     0      4    bytes    magic b"QSMR"
-    4      1    uint8    protocol version (PROTOCOL_VERSION)
+    4      1    uint8    protocol version (PROTOCOL_VERSION); at offset 4 in every version
     5      1    uint8    message type (MsgType)
     6      2    uint16   flags (bit meanings per type; 0 when unused)
     8      8    uint64   sequence number (per sender and channel, +1 per message)
     16     8    int64    sender's monotonic clock, nanoseconds
-    24     4    uint32   ref: sequence number this message answers (COMMAND: the STATE's), else 0
-    28     4    uint32   count: number of 4-byte payload words that follow
-    32     4*count       payload: float32 values (STATUS: float64 values, two words each)
+    24     8    uint64   ref: sequence number this message answers (COMMAND: the STATE's), else 0
+    32     4    uint32   count: number of 4-byte payload words that follow
+    36     4    uint32   reserved, 0
+    40     4*count       payload: float32 values (STATUS: float64 values, two words each)
+
+Version 1 had a 32-bit ref (and no reserved word): after 2^32 states its COMMANDs answered no
+state. A frame of another version raises :class:`VersionError`, which receivers count apart from
+other malformed frames.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from enum import IntEnum, IntFlag
 import numpy as np
 
 MAGIC = b"QSMR"
-PROTOCOL_VERSION = 1
-HEADER = struct.Struct("<4sBBHQqII")
-HEADER_SIZE = HEADER.size  # 32
+PROTOCOL_VERSION = 2
+HEADER = struct.Struct("<4sBBHQqQII")
+HEADER_SIZE = HEADER.size  # 40
+VERSION_OFFSET = 4  # the version byte's place, the same in every version
 MAX_COUNT = 4096  # no valid message carries more floats
 
 
@@ -59,8 +65,8 @@ class CommandFlag(IntFlag):
 
 class StateFlag(IntFlag):
     """STATE header flags."""
-    EPISODE_START = 1   # bit0: the first state of an episode
-    RESTART = 2         # bit1: the first state since the robot (re)started (sent with seq 1)
+    EPISODE_START = 1   # bit0: the first state of an episode (informational: recorded, no effect on the node)
+    RESTART = 2         # bit1: the robot (re)started; set on every state until one is answered
 
 
 class TickFlag(IntFlag):
@@ -80,6 +86,15 @@ class TickFlag(IntFlag):
 
 class ProtocolError(ValueError):
     """A frame that is not a valid message; the reason is in the text."""
+
+
+class VersionError(ProtocolError):
+    """A frame of another protocol version (its sender must be upgraded, or this side)."""
+
+    def __init__(self, version: int):
+        self.version = version
+        super().__init__(f"protocol version {version}, this side speaks version {PROTOCOL_VERSION} "
+                         "(docs/PROTOCOL.md): upgrade the older side")
 
 
 @dataclass(frozen=True)
@@ -107,18 +122,20 @@ def encode(type: MsgType, seq: int, payload=(), ref: int = 0, flags: int = 0, t_
     else:
         data = np.ascontiguousarray(payload, dtype="<f4").ravel().tobytes()
     return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(type), flags, seq, now_ns() if t_ns is None else t_ns,
-                       ref & 0xFFFFFFFF, len(data) // 4) + data
+                       ref, len(data) // 4, 0) + data
 
 
 def decode(frame: bytes) -> Message:
     """Parse one frame; raises ProtocolError for anything malformed (never another exception)."""
+    if len(frame) > VERSION_OFFSET and frame[:4] == MAGIC and frame[VERSION_OFFSET] != PROTOCOL_VERSION:
+        raise VersionError(frame[VERSION_OFFSET])  # checked first: a version-1 frame is shorter
     if len(frame) < HEADER_SIZE:
         raise ProtocolError(f"frame of {len(frame)} bytes is shorter than the {HEADER_SIZE}-byte header")
-    magic, version, mtype, flags, seq, t_ns, ref, count = HEADER.unpack_from(frame)
+    magic, version, mtype, flags, seq, t_ns, ref, count, reserved = HEADER.unpack_from(frame)
     if magic != MAGIC:
         raise ProtocolError("bad magic")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version}, expected {PROTOCOL_VERSION}")
+    if reserved:
+        raise ProtocolError(f"reserved header word is {reserved}, must be 0")
     try:
         kind = MsgType(mtype)
     except ValueError:

@@ -63,6 +63,11 @@ class Status:
                                        "scheduler; -1: `realtime.sched_fifo_priority` refused")
     rt_mlockall: int = _doc("`realtime.mlockall`: 1 applied (the process is locked in RAM), 0 off, -1 refused")
     spin_us: float = _doc("the busy-wait window around each expected state (profile `spin_us`), µs; 0: off")
+    wrong_version: int = _doc("frames of another protocol version (state and control channels), dropped")
+    restarts: int = _doc("state streams begun by a state with the restart flag (a robot's (re)start)")
+    seq_gaps: int = _doc("states never read: the seqs skipped within a stream, and those before a restarted "
+                         "stream's first state read (lost in ZeroMQ's conflating queue or before the connection)")
+    superseded: int = _doc("states admitted but replaced by a newer one before they were due (flood guard)")
     max_delta_per_tick: tuple[float, ...] | None = _doc("the rate limit per actuator; NaN when the rate limiter "
                                                         "is off", "act_dim")
     obs_low: tuple[float, ...] | None = _doc("the observation envelope's lower bounds; NaN without an envelope",

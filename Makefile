@@ -28,8 +28,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/update_throughput.py
-	$(BIN)/python benchmarks/learning.py --preset fast --seeds 0
+	$(BIN)/python -m benchmarks.update_throughput
+	$(BIN)/python -m benchmarks.learning --preset fast --seeds 0
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,8 +1,8 @@
 """Export benchmark: batch-1 latency of the torch teacher, the ONNX teacher and ONNX students,
 and each student's return retention, for one trained policy.
 
-    python benchmarks/export_latency.py                      # newest reference run of benchmarks/learning.py
-    python benchmarks/export_latency.py --run runs/my-run --students 1 2 --calls 10000
+    python -m benchmarks.export_latency                      # newest reference run of benchmarks/learning.py
+    python -m benchmarks.export_latency --run runs/my-run --students 1 2 --calls 10000
 
 Every model is written by the same code path as qsm-export (gates on, with --force so that a
 failing gate is reported in the table rather than stopping the benchmark). Prints a table and
@@ -11,14 +11,19 @@ writes benchmarks/results/export_*.csv and .png; models go to benchmarks/results
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # python benchmarks/export_latency.py: the repo root on sys.path
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import print_table, write_csv
 
+from benchmarks.common import print_table, write_csv
 from qsm_robot.export.exporter import ExportOptions, export_policy
 from qsm_robot.export.student import ActuatorPolicy, TeacherSampler
 from qsm_robot.qsm.policy import load_policy
@@ -42,7 +47,7 @@ def torch_latency_us(module, obs_dim: int, noise_shape: tuple, calls: int, warmu
 def newest_reference_run() -> Path:
     runs = sorted((OUT / "runs").glob("cartpole-swingup__reference__seed0__*"))
     if not runs:
-        raise SystemExit("no reference run under benchmarks/results/runs: run benchmarks/learning.py first, or pass --run")
+        raise SystemExit("no reference run under benchmarks/results/runs: run python -m benchmarks.learning first, or pass --run")
     return runs[-1]
 
 

@@ -1,7 +1,7 @@
 """Learning benchmark: QSM on a dm_control task, eval return every 5k frames.
 
-    python benchmarks/learning.py --preset reference --seeds 0 1 --steps 50000
-    python benchmarks/learning.py --preset fast --seeds 0
+    python -m benchmarks.learning --preset reference --seeds 0 1 --steps 50000
+    python -m benchmarks.learning --preset fast --seeds 0
 
 Prints a table (eval return at each evaluation, wall time, updates/s, wall time and step at
 which the eval return first reached --target) and writes benchmarks/results/learning_*.csv and
@@ -10,13 +10,17 @@ which the eval return first reached --target) and writes benchmarks/results/lear
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # python benchmarks/learning.py: the repo root on sys.path
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import sys
 import time
 from pathlib import Path
 
-from common import print_table, write_csv
-
+from benchmarks.common import print_table, write_csv
 from qsm_robot.config import preset_config
 from qsm_robot.train.loop import Trainer, prepare_run_dir
 from qsm_robot.train.run_log import read_csv

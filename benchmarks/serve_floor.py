@@ -22,6 +22,11 @@ Writes benchmarks/results/serve-floor-*/floor.csv.
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # python benchmarks/serve_floor.py: the repo root on sys.path
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import json
 import os

@@ -1,6 +1,6 @@
 """Serving benchmark: qsm-serve against qsm-sim at 500 Hz and 1000 Hz, then kill -9 of the node.
 
-    python benchmarks/serve_latency.py --model deploy/models/cartpole.onnx [--seconds 60]
+    python -m benchmarks.serve_latency --model deploy/models/cartpole.onnx [--seconds 60]
 
 Both nodes run as separate processes on this machine, on the shipped profiles
 deploy/profiles/cartpole-{500,1000}hz.json. Reports, per rate: achieved rate against nominal,
@@ -12,6 +12,11 @@ benchmarks/results/serve_*.csv.
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # python benchmarks/serve_latency.py: the repo root on sys.path
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import json
 import os
@@ -22,8 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import print_table, write_csv
 
+from benchmarks.common import print_table, write_csv
 from qsm_robot.serve import protocol as P
 from qsm_robot.serve.flight_record import node_ticks
 from qsm_robot.serve.client import ControlClient

@@ -1,13 +1,18 @@
 """Update-throughput benchmark: QSM updates per second at reference sizes, beside the machine's
 ceiling for the same work (the update's matrix multiplies alone).
 
-    python benchmarks/update_throughput.py                 # CPU, 2 threads; CUDA too if present
-    python benchmarks/update_throughput.py --hidden-dim 256 --task walker-walk
+    python -m benchmarks.update_throughput                 # CPU, 2 threads; CUDA too if present
+    python -m benchmarks.update_throughput --hidden-dim 256 --task walker-walk
 
 Prints a table and writes benchmarks/results/throughput_*.csv and .png.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:  # python benchmarks/update_throughput.py: the repo root on sys.path
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import statistics
@@ -15,8 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import print_table, write_csv
 
+from benchmarks.common import print_table, write_csv
 from qsm_robot.config import preset_config
 from qsm_robot.envs import env_info, make_env
 from qsm_robot.qsm.learner import QSMLearner

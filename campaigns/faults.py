@@ -1,10 +1,11 @@
 """Faults: kill -9 and restart of either node, and latency spikes beyond the budget.
 
-    python campaigns/faults.py [--model deploy/models/cartpole-ref-k1.onnx]
+    python -m campaigns.faults [--model deploy/models/cartpole-ref-k1.onnx]
                                [--profile deploy/profiles/cartpole-500hz.json] [--trials 3]
 
-qsm-serve and qsm-sim run as separate processes (the shipped commands, through harness.py) on a
-copy of the profile with private ipc endpoints. Each fault is a function
+(from the repository root; ``python campaigns/faults.py`` works too). qsm-serve and qsm-sim run as
+separate processes (the shipped commands, through harness.py) on a copy of the profile with
+private ipc endpoints; the checks on their flight records and summaries are invariants.py's. Each fault is a function
 ``fault_*(model, work_dir, profile_path, ...) -> row`` (the tests call them on a small model):
 
 1. kill -9 of qsm-serve mid-run: time from the kill to the robot applying its safe command
@@ -44,6 +45,11 @@ failure.
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # python campaigns/faults.py: the repo root on sys.path
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import json
 import os
@@ -56,19 +62,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from harness import (REPO, RESULTS, ControlClient, Drain, P, load_inputs, print_table, private_profile, serve_summary,
-                     start_serve, start_sim, status, write_csv, write_json)
 
+from campaigns.harness import (DEFAULT_MODEL, REPO, RESULTS, ControlClient, Drain, P, load_inputs, print_table,
+                               private_profile, serve_summary, start_serve, start_sim, status, write_csv, write_json)
+from campaigns.invariants import acted_on_stale, fallback_problems, flight_counts, health_problems, tick_flags
 from qsm_robot.serve.flight_record import node_ticks
 from qsm_robot.serve.profile import Profile
 
-F = P.TickFlag
-INJECTED_BIT, MISS_BIT, STALE_BIT, FALLBACK_BIT = int(F.INJECTED_STALL), int(F.MISS), int(F.STALE), int(F.FALLBACK)
 RECONNECT_MS = 100.0
 """ZeroMQ's default reconnect interval (ZMQ_RECONNECT_IVL): how often the robot's sockets retry a
 node that went away; libzmq adds a random jitter of up to one interval to each retry."""
 COLUMNS = ["fault", "measured", "limit", "limit_from", "result", "notes"]
-DEFAULT_MODEL = REPO / "deploy" / "models" / "cartpole-ref-k1.onnx"
 DEFAULT_PROFILE = REPO / "deploy" / "profiles" / "cartpole-500hz.json"
 
 
@@ -247,18 +251,6 @@ def row(fault: str, ok: bool, measured: str, limit: str, limit_from: str, note: 
             "result": "PASS" if ok else "FAIL", "notes": note, "pass": bool(ok), **values}
 
 
-def flight_counts(ticks: np.ndarray, since_ns: int | None = None) -> dict:
-    """Misses, fallbacks and fresh policy commands in a flight record (from ``since_ns`` on)."""
-    if since_ns is not None:
-        ticks = ticks[ticks["t_recv_ns"] >= since_ns]
-    f = ticks["flags"].astype(np.int64)
-    miss, fb = (f & MISS_BIT) > 0, (f & FALLBACK_BIT) > 0
-    running = ticks["node_state"] == int(P.NodeState.RUNNING)
-    return {"ticks": int(len(ticks)), "misses": int(miss.sum()), "misses_with_fallback": int((miss & fb).sum()),
-            "fallbacks": int(fb.sum()), "stale": int(((f & STALE_BIT) > 0).sum()),
-            "policy_commands": int((running & ~fb).sum()), "running": int(running.sum())}
-
-
 # --- the faults -----------------------------------------------------------------------------------
 def fault_kill_serve(model: Path, work_dir: Path, profile_path: Path, run_s: float = 0.5, after_s: float = 0.3) -> dict:
     """kill -9 of qsm-serve while the robot runs: kill -> the robot's safe command."""
@@ -368,8 +360,7 @@ def fault_restart_robot(model: Path, work_dir: Path, profile_path: Path, run_s: 
     if stale_acted:
         problems.append(f"the node ran the policy on {stale_acted} state(s) older than stale_periods after ARM, the "
                         f"oldest {stale_age_ms:.0f} ms old")
-    if summary["internal_errors"]:
-        problems.append(f"{summary['internal_errors']} internal errors")
+    problems += health_problems(summary)
     return row("restart qsm-sim, re-arm", not problems,
                f"ARM -> RUNNING {w['lower_ms']:.1f}-{w['upper_ms']:.1f} ms", f"{p.stale_periods} periods = {limit_ms:g} ms",
                f"stale_periods {p.stale_periods} (the first fresh state after ARM makes the node RUNNING)",
@@ -384,16 +375,6 @@ def fault_restart_robot(model: Path, work_dir: Path, profile_path: Path, run_s: 
                robot_watchdog_trips=robot["watchdog_trips"], trips_after_arm=trips_after_arm,
                policy_commands_after_arm=fc["policy_commands"], ticks_after_arm=fc["ticks"],
                end_state=end["node_state"], problems=problems)
-
-
-def acted_on_stale(ticks: np.ndarray, stale_ns: int) -> tuple[int, float]:
-    """Policy commands (RUNNING, no fallback) that answered a state older than the staleness limit,
-    by the state's true age (robot's send time to node's receipt: one clock on one host), and the
-    oldest such age in ms."""
-    age = ticks["t_recv_ns"] - ticks["state_t_ns"]
-    acted = (ticks["node_state"] == int(P.NodeState.RUNNING)) & ((ticks["flags"].astype(np.int64) & FALLBACK_BIT) == 0)
-    bad = acted & (age > stale_ns)
-    return int(bad.sum()), float(age[bad].max() / 1e6) if bad.any() else 0.0
 
 
 def fault_restart_serve(model: Path, work_dir: Path, profile_path: Path, run_s: float = 0.5, down_s: float = 0.3,
@@ -456,8 +437,7 @@ def fault_restart_serve(model: Path, work_dir: Path, profile_path: Path, run_s: 
     if end["node_state"] != "RUNNING" or policy < min_policy:
         problems.append(f"new node {end['node_state']}, policy commands on {100 * policy:.1f}% of its last 0.5 s of "
                         f"ticks (< {100 * min_policy:g}%)")
-    if summary["internal_errors"]:
-        problems.append(f"{summary['internal_errors']} internal errors")
+    problems += health_problems(summary)
     safe_ms = (trips[0] - t_kill) / 1e6 if trips else float("nan")
     startup = robot_trips(robot, 0, t_kill)
     return row("restart qsm-serve", not problems,
@@ -478,11 +458,6 @@ def fault_restart_serve(model: Path, work_dir: Path, profile_path: Path, run_s: 
                rearm_to_running_ms=None if not rearm or "upper_ms" not in rearm else round(rearm["upper_ms"], 3),
                end_state=end["node_state"], policy_fraction_last_0_5s=round(policy, 4), stale_states_acted_on=stale_acted,
                oldest_state_acted_on_ms=round(stale_age_ms, 1), problems=problems)
-
-
-def stalled_ticks(ticks: np.ndarray) -> np.ndarray:
-    """Which ticks of a flight record carried an injected stall (the node flags them)."""
-    return (ticks["flags"].astype(np.int64) & INJECTED_BIT) > 0
 
 
 def robot_trips(robot: dict, start_ns: int, end_ns: int) -> int:
@@ -508,9 +483,8 @@ def _spikes(s: Session, every: int, spike_ms: float, run_s: float, want: set[str
 def _spike_checks(summary: dict, ticks: np.ndarray, robot: dict, spike_ms: float) -> tuple[dict, list[str]]:
     fc = flight_counts(ticks)
     lat_ms = (ticks["t_send_ns"] - ticks["t_recv_ns"]) / 1e6
-    f = ticks["flags"].astype(np.int64)
-    miss, fb = (f & MISS_BIT) > 0, (f & FALLBACK_BIT) > 0
-    stalled = stalled_ticks(ticks)
+    flags = tick_flags(ticks)
+    miss, fb, stalled = flags["miss"], flags["fallback"], flags["injected"]
     late = (lat_ms > summary["latency_budget_ms"]) & ~miss
     info = {"injected_stalls": summary["injected_stalls"], "stalled_ticks": int(stalled.sum()),
             "stalled_misses_with_fallback": int((stalled & miss & fb).sum()),
@@ -533,11 +507,7 @@ def _spike_checks(summary: dict, ticks: np.ndarray, robot: dict, spike_ms: float
         problems.append(f"a tick taken for a stall took {info['stalled_min_ms']} ms < {spike_ms:g} ms")
     if fc["misses"] != summary["misses"]:
         problems.append(f"flight record holds {fc['misses']} misses, summary says {summary['misses']}")
-    if fc["misses_with_fallback"] != fc["misses"]:
-        problems.append(f"{fc['misses'] - fc['misses_with_fallback']} misses without a fallback")
-    if summary["internal_errors"] or summary["final_state"] == "FAULT":
-        problems.append(f"internal errors {summary['internal_errors']}, final state {summary['final_state']}")
-    return info, problems
+    return info, problems + fallback_problems(fc) + health_problems(summary)
 
 
 def fault_spikes(model: Path, work_dir: Path, profile_path: Path, every: int = 50, spike_ms: float | None = None,

@@ -1,7 +1,11 @@
 """Fuzz campaign: malformed and adversarial messages against a running qsm-serve node.
 
-    python campaigns/fuzz.py [--model deploy/models/cartpole-ref-k1.onnx] [--messages 100000] [--seed 0]
+    python -m campaigns.fuzz [--model deploy/models/cartpole-ref-k1.onnx] [--messages 100000] [--seed 0]
                              [--rate 100] [--max-delta 0.2] [--burst 16] [--shared-robot] [--work-dir DIR]
+
+(from the repository root; ``python campaigns/fuzz.py`` works too). The attack classes and their
+frames are in campaigns/attacks.py, the checks on the node's commands in campaigns/invariants.py;
+this module runs them.
 
 Starts ``qsm-serve run --arm`` (harness.start_serve) on the model with a profile derived from
 deploy/profiles/cartpole-sim.json (private ipc:// endpoints in the work folder, no calibration
@@ -69,43 +73,34 @@ folder (profile, node logs, robot reports, flight record), exits 1 on a crash or
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # python campaigns/fuzz.py: the repo root on sys.path
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
-import bisect
 import json
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from dataclasses import fields as dc_fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import zmq
-from harness import (REPO, RESULTS, ipc_endpoints, print_table, rss_kib, serve_summary, start_serve, start_sim,
-                     wait_ready, write_csv)
 
-from qsm_robot.serve import protocol as P
+from campaigns.attacks import ATTACK_REFS, ATTACKS, CLASS_NAMES, FLOODS, MARKER, U32, Attack, Gen, allocate
+from campaigns.harness import (DEFAULT_MODEL, REPO, RESULTS, ControlClient, Drain, P, ipc_endpoints, load_inputs,
+                               print_table, rss_kib, serve_summary, start_serve, start_sim, status, terminate,
+                               wait_ready, write_csv, write_json)
+from campaigns.invariants import RateCheck, command_problem, computed_from
 from qsm_robot.serve.flight_record import node_ticks
 from qsm_robot.serve.profile import Profile
-from qsm_robot.serve.status import SCALARS as STATUS_SCALARS
-from qsm_robot.serve.status import Status
 
-DEFAULT_MODEL = REPO / "deploy" / "models" / "cartpole-ref-k1.onnx"
 BASE_PROFILE = REPO / "deploy" / "profiles" / "cartpole-sim.json"
-U32 = 0xFFFFFFFF
-ATTACK_REFS = frozenset({0, U32})
-"""Refs of commands that answer the attacker's states: its accepted states carry seq 0 (with the
-restart flag), 2**63 (ref 0) or 2**64-1 (ref 0xFFFFFFFF); the robot's seqs start at 1."""
-MARKER = np.array([0.123, -0.456, 0.789, 1.5, -2.5, 0.25, -0.75, 0.5], np.float32)
-"""The race class's spoofed observation (first obs_dim values): found again in the flight record."""
-RESTART = int(P.StateFlag.RESTART)
 NOT_POLICY = int(P.CommandFlag.FALLBACK | P.CommandFlag.SAFE)
 """COMMAND flags of a command that is not the policy's (a fallback or the node's safe command)."""
-MIN_PER_CLASS = 20
 PACED_EVERY = 2
 """Paced classes burst after every 2nd command to the robot (s_sync_garbage sends one frame after
 every command)."""
@@ -119,283 +114,11 @@ ROBOT_COLUMNS = ["run", "classes", "steps", "achieved_hz", "fresh_frac", "on_tim
                  "watchdog_trips", "watchdog_ticks", "rejected", "safe_from_node"]
 
 
-# --- frames ------------------------------------------------------------------------------------
-def frame(kind: int = P.MsgType.STATE, payload=(), *, seq: int = 0, t_ns: int | None = None, flags: int = 0,
-          ref: int = 0, magic: bytes = P.MAGIC, version: int = P.PROTOCOL_VERSION, count: int | None = None) -> bytes:
-    """A frame with every header field settable (P.encode checks and fixes what we want wrong)."""
-    data = payload if isinstance(payload, bytes) else np.ascontiguousarray(payload, "<f4").ravel().tobytes()
-    return P.HEADER.pack(magic, version, int(kind), flags, seq, P.now_ns() if t_ns is None else t_ns, ref,
-                         len(data) // 4 if count is None else count) + data
-
-
-class Gen:
-    """What the frame generators draw from: the seeded RNG, the dimensions, the robot's newest seq."""
-
-    def __init__(self, rng: np.random.Generator, obs_dim: int, act_dim: int, monitor: "Monitor"):
-        self.rng, self.obs_dim, self.act_dim, self.monitor = rng, obs_dim, act_dim, monitor
-        self.spoofed = monitor.spoofed
-
-    def spoof(self, seq: int) -> int:
-        """Note the ref that the node's answer to a state with this seq will carry (not the robot's)."""
-        if seq & U32 not in ATTACK_REFS:
-            self.spoofed.add(seq & U32)
-        return seq
-
-    def obs(self, n: int | None = None) -> np.ndarray:
-        return self.rng.normal(0.0, 1.0, self.obs_dim if n is None else n).astype(np.float32)
-
-    def pick(self, seq):
-        return seq[int(self.rng.integers(len(seq)))]
-
-    def state(self, **kw) -> bytes:
-        """A well-formed STATE with a random observation and the given header fields."""
-        return frame(P.MsgType.STATE, self.obs(), **kw)
-
-    def with_values(self, values) -> bytes:
-        """A valid STATE (restart flag, seq 0: accepted whatever came before) with some entries replaced."""
-        obs = self.obs()
-        k = int(self.rng.integers(1, self.obs_dim + 1))
-        idx = self.rng.choice(self.obs_dim, k, replace=False)
-        obs[idx] = [self.pick(values) for _ in idx]
-        return frame(P.MsgType.STATE, obs, flags=RESTART)
-
-
-def _nan_values() -> list[np.float32]:
-    bits = np.array([0x7FC00000, 0x7F800001, 0xFFC00000, 0x7FFFFFFF, 0xFF800001], np.uint32)
-    return list(bits.view(np.float32))
-
-
-NANS = _nan_values()
-INFS = [np.float32(np.inf), np.float32(-np.inf)]
-HUGE = [np.float32(1e30), np.float32(-1e30), np.float32(3.4028235e38), np.float32(-3.4028235e38), np.float32(1e38)]
-DENORMAL = [np.float32(1e-45), np.float32(-1e-45), np.float32(1e-40), np.float32(-1e-40), np.float32(1.1754942e-38)]
-
-
-def g_random_bytes(g: Gen) -> bytes:
-    return g.rng.bytes(int(g.rng.integers(0, 301)))
-
-
-def g_truncated(g: Gen) -> bytes:
-    f = g.state()
-    return f[:int(g.rng.integers(0, len(f)))]
-
-
-def g_bad_magic(g: Gen) -> bytes:
-    magic = g.pick([b"RMSQ", b"qsmr", b"\0\0\0\0", b"QSM\0", b"QSMS"]) if g.rng.random() < 0.5 else g.rng.bytes(4)
-    return frame(P.MsgType.STATE, g.obs(), magic=magic if magic != P.MAGIC else b"XXXX")
-
-
-def g_bad_version(g: Gen) -> bytes:
-    return frame(P.MsgType.STATE, g.obs(), version=g.pick([0, 2, 3, 127, 128, 255, int(g.rng.integers(2, 256))]))
-
-
-def g_unknown_type(g: Gen) -> bytes:
-    return frame(g.pick([0, 8, 9, 64, 128, 255, int(g.rng.integers(8, 256))]), g.obs())
-
-
-def g_count_mismatch(g: Gen) -> bytes:
-    m = int(g.rng.integers(0, g.obs_dim + 4))
-    wrong = [m + 1, 4096, 4097, 2**31, U32, int(g.rng.integers(0, 2**32))] + ([m - 1, 0] if m else [])
-    count = g.pick([c for c in wrong if c != m])
-    return frame(P.MsgType.STATE, g.obs(m), count=count)
-
-
-def g_wrong_size(g: Gen) -> bytes:
-    sizes = (0, 1, 2, g.obs_dim - 1, g.obs_dim + 1, g.obs_dim + 2, g.obs_dim + 8, 64, 4096)
-    n = g.pick([k for k in sizes if k != g.obs_dim and k >= 0])
-    return frame(P.MsgType.STATE, g.obs(n), flags=RESTART)
-
-
-def g_nan(g: Gen) -> bytes:
-    return g.with_values(NANS)
-
-
-def g_inf(g: Gen) -> bytes:
-    return g.with_values(INFS)
-
-
-def g_huge(g: Gen) -> bytes:
-    return g.with_values(HUGE)
-
-
-def g_denormal(g: Gen) -> bytes:
-    return g.with_values(DENORMAL)
-
-
-def g_replayed(g: Gen) -> bytes:
-    return g.state(seq=max(0, g.monitor.last_ref - int(g.rng.integers(0, 3))))
-
-
-def g_out_of_order(g: Gen) -> bytes:
-    last = g.monitor.last_ref
-    return g.state(seq=g.pick([max(0, last - int(g.rng.integers(3, 2000))), int(g.rng.integers(0, max(1, last)))]))
-
-
-def g_race(g: Gen) -> bytes:
-    return frame(P.MsgType.STATE, np.resize(MARKER, g.obs_dim), seq=g.spoof(g.monitor.last_ref + 1))
-
-
-def g_absurd_seq(g: Gen) -> bytes:
-    return g.state(seq=g.spoof(g.pick([2**63, 2**64 - 1, 2**63 + int(g.rng.integers(1, 2**62))])))
-
-
-def g_absurd_t_ns(g: Gen) -> bytes:
-    now = P.now_ns()
-    t = g.pick([2**63 - 1, 2**62, now + 10**15, now + 10**12, -(2**63), 0, now - 10**15])
-    return g.state(t_ns=t, flags=RESTART)
-
-
-def g_state_wrong_type(g: Gen) -> bytes:
-    kind = g.pick([P.MsgType.COMMAND, P.MsgType.STATUS, P.MsgType.HEARTBEAT])
-    n = {P.MsgType.COMMAND: g.act_dim, P.MsgType.STATUS: len(STATUS_SCALARS), P.MsgType.HEARTBEAT: 0}[kind]
-    return frame(kind, g.obs(n), seq=g.monitor.last_ref + 1, ref=g.monitor.last_ref)
-
-
-def g_state_oversize(g: Gen) -> bytes:
-    size = int(g.rng.integers(P.HEADER_SIZE + 4 * P.MAX_COUNT + 1, 1 << 20))  # above the node's MAXMSGSIZE
-    pad = g.rng.bytes(size - P.HEADER_SIZE)
-    variant = int(g.rng.integers(3))
-    if variant == 0:
-        return frame(P.MsgType.STATE, pad, count=g.obs_dim)  # header says obs_dim floats, the frame is far longer
-    if variant == 1:
-        return frame(P.MsgType.STATE, pad[: (len(pad) // 4) * 4])  # count matches, but above MAX_COUNT
-    return g.rng.bytes(size)
-
-
-def g_flood_garbage(g: Gen) -> bytes:
-    return g.pick([g_random_bytes, g_truncated, g_bad_magic, g_count_mismatch])(g)
-
-
-def g_flood_valid(g: Gen) -> bytes:
-    return frame(P.MsgType.STATE, g.obs() * 0.5, flags=RESTART)
-
-
-def g_ctl_bad_header(g: Gen) -> bytes:
-    variant = int(g.rng.integers(5))
-    if variant == 0:
-        f = frame(P.MsgType.HEARTBEAT, g.obs(3))
-        return f[:g.pick([int(g.rng.integers(0, P.HEADER_SIZE)), int(g.rng.integers(P.HEADER_SIZE, len(f)))])]
-    if variant == 1:
-        return frame(P.MsgType.HEARTBEAT, magic=g.pick([b"RMSQ", b"\0\0\0\0", b"qsmr"]))
-    if variant == 2:
-        return frame(P.MsgType.HEARTBEAT, version=g.pick([0, 2, 255]))
-    if variant == 3:
-        return frame(g.pick([0, 8, 200, 255]))
-    return frame(P.MsgType.HEARTBEAT, g.obs(2), count=g.pick([0, 1, 3, 4097, U32]))
-
-
-def g_ctl_multipart(g: Gen) -> list[bytes]:
-    parts = [g.pick([frame(P.MsgType.HEARTBEAT), g_random_bytes(g), b""]) for _ in range(int(g.rng.integers(2, 5)))]
-    return parts
-
-
-def g_ctl_wrong_type(g: Gen) -> bytes:
-    kind = g.pick([P.MsgType.STATE, P.MsgType.COMMAND, P.MsgType.STATUS])
-    n = {P.MsgType.STATE: g.obs_dim, P.MsgType.COMMAND: g.act_dim, P.MsgType.STATUS: len(STATUS_SCALARS)}[kind]
-    return frame(kind, g.obs(n), seq=int(g.rng.integers(0, 2**32)))
-
-
-def g_ctl_with_payload(g: Gen) -> bytes:
-    payload = g.obs(int(g.rng.integers(1, 1000)))
-    payload[:: max(1, len(payload) // 3)] = g.pick(NANS + INFS + HUGE)
-    return frame(P.MsgType.HEARTBEAT, payload, seq=int(g.rng.integers(1, 2**32)))
-
-
-def g_ctl_oversize(g: Gen) -> bytes:
-    size = int(g.rng.integers(4097, 65537))
-    if g.rng.random() < 0.5:  # a well-formed HEARTBEAT whose payload makes it too long
-        return frame(P.MsgType.HEARTBEAT, g.obs((size - P.HEADER_SIZE) // 4))
-    return g.rng.bytes(size)
-
-
-def g_heartbeat(g: Gen) -> bytes:
-    return frame(P.MsgType.HEARTBEAT, seq=int(g.rng.integers(1, 2**31)))
-
-
-# --- expectations on the node's counters --------------------------------------------------------
-def exact_malformed(r: dict) -> bool:
-    return r["d_malformed"] == r["messages"]
-
-
-def some_malformed(r: dict) -> bool:
-    return 0 < r["d_malformed"] <= r["messages"]
-
-
-def some_invalid(r: dict) -> bool:
-    return r["d_state_invalid"] > 0 and r["d_malformed"] == 0
-
-
-def accepted(r: dict) -> bool:
-    return r["d_malformed"] == 0 and r["d_state_invalid"] == 0
-
-
-def some_stale(r: dict) -> bool:
-    return r["d_stale"] > 0 and r["d_malformed"] == 0
-
-
-@dataclass(frozen=True)
-class Attack:
-    name: str
-    channel: str
-    """'state' or 'control'."""
-    weight: float
-    make: Callable[[Gen], bytes | list[bytes]]
-    expect: Callable[[dict], bool]
-    """Checked on the row after the class: what the node must have counted (the text says it)."""
-    expect_text: str
-    mode: str = "paced"
-    """'paced' (bursts after every PACED_EVERY-th command to the robot), 'sync' (one message right
-    after every command to the robot), 'race' (one a period), 'flood', 'oversize' (paced, on a
-    connection of its own)."""
-
-
-ATTACKS = [
-    Attack("s_random_bytes", "state", 8, g_random_bytes, some_malformed, "malformed>0"),
-    Attack("s_truncated", "state", 4, g_truncated, some_malformed, "malformed>0"),
-    Attack("s_bad_magic", "state", 3, g_bad_magic, some_malformed, "malformed>0"),
-    Attack("s_bad_version", "state", 3, g_bad_version, some_malformed, "malformed>0"),
-    Attack("s_unknown_type", "state", 3, g_unknown_type, some_malformed, "malformed>0"),
-    Attack("s_count_mismatch", "state", 4, g_count_mismatch, some_malformed, "malformed>0"),
-    Attack("s_wrong_size", "state", 4, g_wrong_size, some_invalid, "state_invalid>0"),
-    Attack("s_nan", "state", 4, g_nan, some_invalid, "state_invalid>0"),
-    Attack("s_inf", "state", 4, g_inf, some_invalid, "state_invalid>0"),
-    Attack("s_huge_1e30", "state", 4, g_huge, accepted, "finite: evaluated, not invalid"),
-    Attack("s_denormal", "state", 3, g_denormal, accepted, "finite: evaluated, not invalid"),
-    Attack("s_replayed_seq", "state", 4, g_replayed, accepted, "dropped as replayed, nothing malformed"),
-    Attack("s_out_of_order_seq", "state", 4, g_out_of_order, accepted, "dropped as replayed, nothing malformed"),
-    Attack("s_seq_race_spoof", "state", 0.5, g_race, accepted, "accepted (unauthenticated)", mode="race"),
-    Attack("s_absurd_seq", "state", 1, g_absurd_seq, accepted, "not malformed, not invalid: the seq check"),
-    Attack("s_absurd_t_ns", "state", 1, g_absurd_t_ns, some_stale, "stale>0 (the offset is poisoned)"),
-    Attack("s_wrong_type", "state", 3, g_state_wrong_type, some_malformed, "malformed>0"),
-    Attack("s_oversize", "state", 0.2, g_state_oversize, accepted, "dropped by ZeroMQ (MAXMSGSIZE)", mode="oversize"),
-    Attack("s_sync_garbage", "state", 1, g_random_bytes, some_malformed, "malformed>0", mode="sync"),
-    Attack("c_random_bytes", "control", 4, g_random_bytes, exact_malformed, "malformed == messages"),
-    Attack("c_bad_header", "control", 4, g_ctl_bad_header, exact_malformed, "malformed == messages"),
-    Attack("c_multipart", "control", 3, g_ctl_multipart, exact_malformed, "malformed == messages"),
-    Attack("c_wrong_type", "control", 3, g_ctl_wrong_type, exact_malformed, "malformed == messages"),
-    Attack("c_heartbeat_payload", "control", 2, g_ctl_with_payload, exact_malformed, "malformed == messages"),
-    Attack("c_oversize", "control", 0.3, g_ctl_oversize, accepted, "dropped by ZeroMQ (MAXMSGSIZE)", mode="oversize"),
-    Attack("s_flood_garbage", "state", 15, g_flood_garbage, some_malformed, "malformed>0", mode="flood"),
-    Attack("s_flood_valid", "state", 10, g_flood_valid, accepted, "evaluated at most 2 a period", mode="flood"),
-    Attack("c_heartbeat_flood", "control", 8, g_heartbeat, accepted, "answered as HEARTBEAT", mode="flood"),
-]
-CLASS_NAMES = [a.name for a in ATTACKS]
-FLOODS = {a.name for a in ATTACKS if a.mode == "flood"}
-
-
-def allocate(total: int, attacks: list[Attack]) -> dict[str, int]:
-    """Messages per class: by weight (largest remainder), at least MIN_PER_CLASS, summing to >= total."""
-    weights = np.array([a.weight for a in attacks], float)
-    share = total * weights / weights.sum()
-    counts = np.floor(share).astype(int)
-    for i in np.argsort(-(share - counts))[: total - counts.sum()]:
-        counts[i] += 1
-    return {a.name: max(MIN_PER_CLASS, int(c)) for a, c in zip(attacks, counts)}
-
-
 # --- the monitor ---------------------------------------------------------------------------------
 class Monitor(threading.Thread):
-    """Receives every COMMAND the node publishes; checks frames and bounds as they come, rates later."""
+    """Receives every COMMAND the node publishes; checks frames and bounds as they come
+    (invariants.command_problem), rates later (invariants.RateCheck). Also what the attacks and
+    the pacing read: the robot's newest seq, and a trigger on each command that answers it."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, low, high):
         super().__init__(name="fuzz-monitor", daemon=True)
@@ -445,13 +168,9 @@ class Monitor(threading.Thread):
             self.bad.append((msg.t_ns, f"{msg.type.name} on the command channel"))
             return
         c = msg.payload.astype(np.float64)
-        if c.shape != self.low.shape:
-            self.bad.append((msg.t_ns, f"command of {c.size} values (seq {msg.seq})"))
-        elif not np.isfinite(c).all():
-            self.bad.append((msg.t_ns, f"non-finite command {c.tolist()} (seq {msg.seq})"))
-        elif ((c < self.low) | (c > self.high)).any():
-            self.bad.append((msg.t_ns, f"command {c.tolist()} outside [{self.low.tolist()}, {self.high.tolist()}] "
-                                       f"(seq {msg.seq})"))
+        problem = command_problem(c, self.low, self.high, msg.seq)
+        if problem is not None:
+            self.bad.append((msg.t_ns, problem))
         self.cmds.append((msg.t_ns, msg.seq, msg.ref, msg.flags, c))
         # The robot's seqs grow by one a period: a far jump is the answer to a forged seq.
         if msg.ref not in ATTACK_REFS and (self.last_ref == 0 or msg.ref <= self.last_ref + 1000):
@@ -483,61 +202,11 @@ class Monitor(threading.Thread):
         return False
 
 
-class RateCheck:
-    """The rate-limit checks over the command stream, run on the commands received since the last call."""
-
-    def __init__(self, max_delta):
-        self.max_delta = None if max_delta is None else np.asarray(max_delta, np.float64) + 1e-6
-        self.prev = None
-        self.by_ref: dict[tuple[int, int], tuple] = {}
-        self.done = 0
-        self.robot_starts: list[int] = []
-        """Start time of each robot run: its seqs start again at 1."""
-
-    def robot_run(self, t_ns: int) -> int:
-        return bisect.bisect_right(self.robot_starts, t_ns)
-
-    def run(self, cmds: list[tuple]) -> dict:
-        out = dict(rate_viol=0, rate_checked=0, rate_unverified=0, rate_unverified_exceed=0, robot_view_exceed=0,
-                   examples=[], robot_view_examples=[])
-        new = cmds[self.done:]
-        self.done += len(new)
-        if self.max_delta is None:
-            return out
-        for cmd in new:
-            t, seq, ref, flags, c = cmd
-            if self.prev is not None and seq <= self.prev[1]:
-                self.prev = None  # a restarted node counts from 1 again
-            if self.prev is not None and not flags & int(P.CommandFlag.SAFE):
-                pseq, pc = self.prev[1], self.prev[4]
-                exceed = c.shape == pc.shape and bool((np.abs(c - pc) > self.max_delta).any())
-                if seq == pseq + 1:  # none dropped between them
-                    out["rate_checked"] += 1
-                    if exceed:
-                        out["rate_viol"] += 1
-                        out["examples"].append(f"seq {pseq}->{seq}: {pc.tolist()} -> {c.tolist()}")
-                else:
-                    out["rate_unverified"] += 1
-                    out["rate_unverified_exceed"] += exceed
-            self.prev = cmd
-            if ref in ATTACK_REFS or ref >= 2**31:
-                continue
-            run = self.robot_run(t)
-            before = self.by_ref.get((run, ref - 1))
-            if before is not None and not flags & int(P.CommandFlag.SAFE) and before[4].shape == c.shape:
-                if (np.abs(c - before[4]) > self.max_delta).any():
-                    out["robot_view_exceed"] += 1
-                    out["robot_view_examples"].append(f"ref {ref - 1}->{ref}: {before[4].tolist()} -> {c.tolist()}")
-            self.by_ref[(run, ref)] = cmd
-            if len(self.by_ref) > 4096:
-                for k in sorted(self.by_ref)[:2048]:
-                    del self.by_ref[k]
-        return out
-
-
 # --- sockets and processes -------------------------------------------------------------------------
-class Dealer:
-    """A DEALER on the control channel that counts the STATUS replies it gets."""
+class Attacker:
+    """The attacker's DEALER on the control channel: sends raw frames (multi-part ones too) and
+    counts the node's STATUS replies. A send the node's socket does not take within 2 s raises
+    zmq.Again. (The campaign's own operator is a qsm_robot.serve.client.ControlClient.)"""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, opts: dict | None = None):
         self.sock = ctx.socket(zmq.DEALER)
@@ -545,7 +214,10 @@ class Dealer:
             self.sock.setsockopt(opt, value)
         self.sock.connect(endpoint)
         self.replies = 0
-        self.seq = 10**9  # our own requests; the attacker's frames carry other seqs
+        self.seq = 10**9  # the barrier's HEARTBEATs; the attacker's frames carry other seqs
+
+    def send(self, f: bytes | list[bytes]) -> None:
+        (self.sock.send_multipart if isinstance(f, list) else self.sock.send)(f)
 
     def _take(self, raw: bytes) -> P.Message | None:
         try:
@@ -563,67 +235,52 @@ class Dealer:
             except zmq.Again:
                 return
 
-    def request(self, kind: P.MsgType, timeout_s: float = 2.0) -> dict:
-        """Send one control message and return the STATUS that answers it (TimeoutError if none)."""
+    def barrier(self, timeout_s: float) -> bool:
+        """A HEARTBEAT of our own, answered within ``timeout_s``: the node has read everything this
+        connection sent before it. False if no answer came."""
         self.seq += 1
-        self.sock.send(P.encode(kind, self.seq))
+        self.sock.send(P.encode(P.MsgType.HEARTBEAT, self.seq))
         end = time.monotonic() + timeout_s
         while (left := end - time.monotonic()) > 0:
             if not self.sock.poll(max(1, int(left * 1000))):
                 break
             msg = self._take(self.sock.recv())
             if msg is not None and msg.type == P.MsgType.STATUS and msg.ref == self.seq & U32:
-                return Status.decode(msg.payload).to_dict()
-        raise TimeoutError(f"no STATUS reply to {kind.name} within {timeout_s} s")
+                return True
+        return False
 
     def close(self) -> None:
         self.sock.close(0)
 
 
-def _drain_pipe(pipe, lines: list) -> None:
-    for line in pipe:
-        lines.append((time.monotonic_ns(), line.rstrip("\n")))
-
-
 class Node:
-    """qsm-serve as a child process, its stdout and stderr read on threads (a full pipe would stall it)."""
+    """qsm-serve as a child process (harness.start_serve), its output read by a harness.Drain."""
 
     def __init__(self, model: Path, profile_path: Path, record_dir: Path, control: str):
         self.proc = start_serve(model, profile_path, record_dir)
         wait_ready(control, self.proc, timeout_s=120)
-        self.lines: list[tuple[int, str]] = []
-        self.threads = [threading.Thread(target=_drain_pipe, args=(p, self.lines), daemon=True)
-                        for p in (self.proc.stdout, self.proc.stderr)]
-        for t in self.threads:
-            t.start()
+        self.drain = Drain(self.proc)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def transitions(self, since_ns: int, until_ns: int) -> list[str]:
         """The node's state changes logged in that time ('RUNNING -> SAFE_STOP: reason')."""
-        return [line.split("qsm-serve: ", 1)[1] for t, line in list(self.lines)
+        return [line.split("qsm-serve: ", 1)[1] for t, line in list(self.drain.lines)
                 if since_ns <= t <= until_ns and " -> " in line and line.startswith("qsm-serve: ")]
 
     def stop(self) -> int | None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        for t in self.threads:
-            t.join(timeout=5)
+        terminate(self.proc, 60)
+        self.drain.wait()
         return self.proc.returncode
 
 
 class Robot:
-    """qsm-sim runs, one after another; each leaves its RobotReport."""
+    """qsm-sim runs (harness.start_sim), one after another; each leaves its RobotReport."""
 
     def __init__(self, profile_path: Path, scenario_path: Path, work: Path):
         self.profile_path, self.scenario_path, self.work = profile_path, scenario_path, work
-        self.proc: subprocess.Popen | None = None
+        self.proc = None
         self.runs: list[dict] = []
         self.label = ""
         self.classes: list[str] = []
@@ -636,13 +293,7 @@ class Robot:
     def stop(self) -> dict | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc, 30)
         self.proc = None
         report = json.loads(self.results.read_text()) if self.results.is_file() else {}
         steps = report.get("steps", 0)
@@ -681,6 +332,327 @@ def build_profile(rate_hz: float, endpoints: dict, max_delta: float | None) -> d
     return data
 
 
+class Campaign:
+    """One campaign's node, robot, monitor and sockets, and its steps: ``baseline()``, then
+    ``attack()`` for each class (each returns the class's row), ``close()``, then ``result()``."""
+
+    def __init__(self, model: Path, work: Path, endpoints: dict, profile_path: Path, scenario_path: Path,
+                 rng: np.random.Generator, *, burst: int, flood_s: float, min_class_s: float, robot_per_class: bool,
+                 log):
+        self.model, self.work, self.endpoints, self.profile_path = model, work, endpoints, profile_path
+        self.profile = Profile.load(profile_path)
+        self.burst, self.flood_s, self.min_class_s, self.robot_per_class, self.log = (
+            burst, flood_s, min_class_s, robot_per_class, log)
+        self.period_s = 1.0 / self.profile.rate_hz
+        self.record_dir = work / "rec"
+        self.ctx = zmq.Context()
+        log(f"fuzz: starting qsm-serve on {model} ({self.profile.rate_hz:g} Hz, max_delta_per_tick "
+            f"{self.profile.max_delta_per_tick}) in {work}")
+        self.node = Node(model, profile_path, self.record_dir, endpoints["control"])
+        self.nodes = [self.node]
+        self.monitor = Monitor(self.ctx, endpoints["command"], self.profile.action_low, self.profile.action_high)
+        self.monitor.start()
+        self.spoofed = self.monitor.spoofed
+        self.rates = RateCheck(self.profile.max_delta_per_tick)
+        self.operator = ControlClient(endpoints["control"], timeout_s=1.0)
+        self.attacker = Attacker(self.ctx, endpoints["control"])
+        # An XPUB with NODROP is a PUB whose send blocks (up to SNDTIMEO) instead of dropping at the
+        # high-water mark: every frame sent reaches the node's socket, and a flood runs at the rate
+        # the node's socket takes frames, with no backlog left over after the class.
+        self.pub = self.ctx.socket(zmq.XPUB)
+        for opt, value in {zmq.LINGER: 0, zmq.SNDHWM: 1000, zmq.XPUB_NODROP: 1, zmq.SNDTIMEO: 2000}.items():
+            self.pub.setsockopt(opt, value)
+        self.pub.connect(endpoints["state"])
+        self.robot = Robot(profile_path, scenario_path, work)
+        self.gen = Gen(rng, self.profile.obs_dim, self.profile.act_dim, self.monitor)
+        self._bad_done = 0
+
+    # --- what the steps share ----------------------------------------------------------------------
+    def status(self, timeout_s: float = 5.0) -> dict | None:
+        """The node's status (HEARTBEAT on the operator's connection); None if it exited or did not answer."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            try:
+                return self.operator.send(P.MsgType.HEARTBEAT)
+            except TimeoutError:
+                if not self.node.alive():
+                    return None
+        return None
+
+    def window(self, t0: int, t1: int) -> dict:
+        """The loop rate between two times: commands sent, those answering the robot, with the policy's action."""
+        cmds = [c for c in self.monitor.cmds[-50_000:] if t0 <= c[0] <= t1]
+        legit = [c for c in cmds if c[2] not in ATTACK_REFS and c[2] not in self.spoofed]
+        policy = sum(1 for c in legit if c[3] & NOT_POLICY == 0)
+        secs, nominal = max(1e-9, (t1 - t0) / 1e9), max(1e-9, (t1 - t0) / 1e9 * self.profile.rate_hz)
+        return {"cmds_per_s": round(len(cmds) / secs, 1), "legit_per_s": round(len(legit) / secs, 1),
+                "legit_frac": round(len(legit) / nominal, 3), "policy_frac": round(policy / nominal, 3)}
+
+    def bounds_violations(self) -> list[str]:
+        """The monitor's frame, size, finite and bounds failures not reported yet."""
+        new = self.monitor.bad[self._bad_done:]
+        self._bad_done += len(new)
+        return [why for _, why in new]
+
+    def wait_loop(self, n: int, timeout_s: float) -> tuple[bool, int]:
+        """Until the robot gets n policy commands: (it did, times the node was re-armed from SAFE_STOP)."""
+        since, end, rearmed = P.now_ns(), time.monotonic() + timeout_s, 0
+        while time.monotonic() < end:
+            if self.monitor.wait_policy(n, since, timeout_s=0.25, exclude=self.spoofed):
+                return True, rearmed
+            s = self.status()
+            if s is not None and s["node_state"] == "SAFE_STOP":
+                status(self.endpoints["control"], P.MsgType.ARM, timeout_s=2.0)  # an operator's ARM
+                rearmed += 1
+        return False, rearmed
+
+    def start_robot(self, label: str, timeout_s: float = 30.0) -> bool:
+        """Start a robot run; re-arm the node if it safe-stopped while no robot ran (that is expected)."""
+        self.rates.robot_starts.append(P.now_ns())
+        self.monitor.last_ref = 0
+        self.spoofed.clear()
+        self.robot.start(label)
+        return self.wait_loop(10, timeout_s)[0]
+
+    def checks(self) -> tuple[dict, list[str]]:
+        """The invariants on the commands received since the last call: the rate checks
+        (invariants.RateCheck) and the frame, size, finite and bounds failures."""
+        return self.rates.run(self.monitor.cmds), self.bounds_violations()
+
+    # --- the steps ---------------------------------------------------------------------------------
+    def baseline(self, baseline_s: float) -> dict:
+        """The robot alone for ``baseline_s``: the loop rate with no attack."""
+        if not self.start_robot("baseline"):
+            raise RuntimeError("the robot got no policy command within 30 s of its start: the loop does not run")
+        before = self.status()
+        t0 = P.now_ns()
+        time.sleep(baseline_s)
+        t1 = P.now_ns()
+        after = self.status()
+        rate, viol = self.checks()
+        row = {"class": "baseline", "channel": "-", "messages": 0, "seconds": round((t1 - t0) / 1e9, 2),
+               "msg_per_s": 0, "alive": self.node.alive(), "state_after": after["node_state"] if after else "NO REPLY",
+               "violations": len(viol) + rate["rate_viol"], "rate_checked": rate["rate_checked"],
+               **self.window(t0, t1), **{f"d_{k}": int(after[k] - before[k]) for k in COUNTERS if after and before},
+               "robot_view_exceed": rate["robot_view_exceed"], "rss_mib": round(rss_kib(self.node.proc.pid) / 1024, 1),
+               "expect_ok": True, "notes": "; ".join(viol[:2] + rate["examples"][:2]),
+               "_unverified_exceed": rate["rate_unverified_exceed"]}
+        self.robot.classes.append("baseline")
+        base_run = self.robot.stop()
+        row.update(robot_fresh=base_run["fresh_frac"], robot_wd_ticks=base_run["watchdog_ticks"])
+        return row
+
+    def attack(self, attack: Attack, n: int) -> dict:
+        """One attack class of n messages (floods: at least flood_s long); the node recovered after it."""
+        notes: list[str] = []
+        if self.robot_per_class and not self.start_robot(attack.name):
+            raise RuntimeError(f"the robot got no policy command within 30 s of its start before {attack.name}")
+        self.robot.classes.append(attack.name)
+        before = self.status()
+        if before is None:
+            raise RuntimeError(f"the node does not answer before {attack.name}")
+        self.log(f"fuzz: {attack.name}: {n} messages ({attack.mode}) on the {attack.channel} channel")
+        replies0 = self.attacker.replies
+        sent, t0, t1 = self._send(attack, n, notes)
+        time.sleep(max(0.05, 5 * self.period_s))  # the conflated last frame is evaluated at most half a period later
+        self.attacker.drain()
+        replies = self.attacker.replies - replies0
+        # A barrier: the node has read everything the attacker's connection sent before.
+        if attack.channel == "control" and not self.attacker.barrier(timeout_s=10.0):
+            notes.append("no reply on the attacker's connection after the class")
+        after = self.status()
+        alive = self.node.alive() and after is not None and after["node_state"] != "FAULT"
+        rss = round(rss_kib(self.node.proc.pid) / 1024, 1) if self.node.alive() else None
+        row = {"class": attack.name, "channel": attack.channel, "messages": sent,
+               "seconds": round((t1 - t0) / 1e9, 2), "msg_per_s": round(sent / max(1e-9, (t1 - t0) / 1e9)),
+               "alive": alive,
+               "state_after": after["node_state"] if after else ("EXITED" if not self.node.alive() else "NO REPLY"),
+               **self.window(t0, t1)}
+        if after is not None:
+            row.update({f"d_{k}": int(after[k] - before[k]) for k in COUNTERS})
+        if attack.channel == "control":
+            notes.append(f"{replies} STATUS replies")
+        self._recover(attack, row, after, notes, t0)
+        rate, viol = self.checks()
+        row.update(violations=len(viol) + rate["rate_viol"], rate_checked=rate["rate_checked"],
+                   robot_view_exceed=rate["robot_view_exceed"], rss_mib=rss,
+                   _unverified_exceed=rate["rate_unverified_exceed"])
+        notes += viol[:3] + rate["examples"][:3]
+        if rate["robot_view_exceed"]:
+            notes.append("FINDING commands answering the robot's consecutive seqs differ by more than "
+                         f"max_delta_per_tick, e.g. {rate['robot_view_examples'][0]}")
+        row["expect_ok"] = after is not None and attack.expect(row)
+        if not row["expect_ok"]:
+            notes.append(f"expected {attack.expect_text}")
+        row["notes"] = "; ".join(notes)
+        self.log(f"fuzz: {attack.name}: alive {alive}, {row['state_after']}, violations {row['violations']}, "
+                 f"legit {row['legit_frac']}, malformed +{row.get('d_malformed')}, invalid "
+                 f"+{row.get('d_state_invalid')}{'; ' + row['notes'] if row['notes'] else ''}")
+        return row
+
+    def _send(self, attack: Attack, n: int, notes: list[str]) -> tuple[int, int, int]:
+        """Send the class's messages; returns (messages sent, start and end times)."""
+        big = big_pub = None
+        if attack.mode == "oversize" and attack.channel == "control":
+            big = Attacker(self.ctx, self.endpoints["control"], {zmq.RECONNECT_IVL: 5})
+        if attack.mode == "oversize" and attack.channel == "state":
+            # A connection of its own: ZeroMQ closes the connection that sent an oversize frame.
+            big_pub = self.ctx.socket(zmq.PUB)
+            big_pub.setsockopt(zmq.LINGER, 0)
+            big_pub.setsockopt(zmq.RECONNECT_IVL, 5)
+            big_pub.connect(self.endpoints["state"])
+            time.sleep(0.1)
+        if attack.channel == "state":
+            send = (big_pub if big_pub is not None else self.pub).send
+        else:
+            send = (big if big is not None else self.attacker).send
+        sent = 0
+        t0 = P.now_ns()
+        try:
+            if attack.mode == "flood":
+                pool = [attack.make(self.gen) for _ in range(min(n, 1024))]
+                end_ns = t0 + int(self.flood_s * 1e9)
+                while sent < n or P.now_ns() < end_ns:
+                    send(pool[sent % len(pool)])
+                    sent += 1
+                    if attack.channel == "control" and sent % 64 == 0:
+                        self.attacker.drain()
+            else:
+                for k in self._bursts(attack, n):
+                    for _ in range(k):
+                        send(attack.make(self.gen))
+                        sent += 1
+                    if attack.channel == "control":
+                        self.attacker.drain()
+        except zmq.Again:
+            notes.append(f"FINDING send blocked for 2 s after {sent} messages (the node's socket took no more)")
+        finally:
+            t1 = P.now_ns()
+            if big is not None:
+                big.close()
+            if big_pub is not None:
+                big_pub.close(0)
+        return sent, t0, t1
+
+    def _bursts(self, attack: Attack, n: int):
+        """The sizes of a paced class's bursts, each yielded when it is due: after every ``every``-th
+        command to the robot (or 1.5 periods without one), k messages a burst, spread over at least
+        min_class_s (a loop rate needs periods); n messages in all."""
+        every = 1 if attack.mode in ("race", "sync") else PACED_EVERY
+        bursts = max(1, int(self.min_class_s * self.profile.rate_hz / every))
+        k = 1 if attack.mode in ("race", "sync") else min(self.burst, max(1, -(-n // bursts)))
+        seen, last_send, count, left = self.monitor.triggers, 0.0, 0, n
+        while left > 0:
+            new = self.monitor.wait_trigger(seen, 1.5 * self.period_s)
+            count, seen = (count + new - seen if new != seen else every), new
+            if count < every:
+                continue
+            count = 0
+            if attack.mode == "race":
+                if time.monotonic() - last_send < 0.9 * self.period_s:
+                    continue
+                last_send = time.monotonic()
+            size = min(k, left)
+            left -= size
+            yield size
+
+    def _recover(self, attack: Attack, row: dict, after: dict | None, notes: list[str], t0: int) -> None:
+        """After a class: restart a crashed node, re-arm a safe-stopped one, restart the robot if it
+        gets no policy command; the robot's report (its run per class) and the node's state changes
+        into the row and its notes."""
+        if not row["alive"]:
+            notes.append("CRASH: " + ("process exited" if not self.node.alive() else
+                                      "FAULT" if after and after["node_state"] == "FAULT" else "no status reply"))
+            self.log(f"fuzz: {attack.name}: the node crashed; restarting it")
+            self.node.stop()
+            self.node = Node(self.model, self.profile_path, self.record_dir, self.endpoints["control"])
+            self.nodes.append(self.node)
+        ok, rearmed = self.wait_loop(5, max(1.0, 100 * self.period_s))
+        if rearmed:
+            notes.append(f"re-armed {rearmed}x after SAFE_STOP")
+        if not ok:
+            notes.append(f"FINDING the robot got no policy command within {max(1.0, 100 * self.period_s):g} s after "
+                         "the class (the node takes its states for replayed or stale): only a robot restart "
+                         "(its first state resets the node's stream) ends this")
+        t_end = P.now_ns()
+        if self.robot_per_class:
+            run = self.robot.stop()
+            row.update(robot_fresh=run["fresh_frac"], robot_wd_ticks=run["watchdog_ticks"])
+            if run["watchdog_trips"]:
+                notes.append(f"robot watchdog: {run['watchdog_trips']} trip(s), {run['watchdog_ticks']} of "
+                             f"{run['steps']} ticks on its safe command")
+            if run.get("_wd_open"):
+                notes.append("FINDING the robot was still on its watchdog when its run ended, though the node "
+                             "answered its states with policy commands after the class")
+        elif not ok:
+            self.robot.stop()
+            if not self.start_robot(f"restarted after {attack.name}"):
+                notes.append("FINDING no recovery even after the robot restarted")
+        for tr in dict.fromkeys(self.node.transitions(t0, t_end)):
+            if tr.split(":", 1)[0].rsplit("-> ", 1)[-1] in ("SAFE_STOP", "FAULT"):
+                notes.insert(0, f"FINDING {tr}")
+
+    def close(self) -> tuple[list[int | None], dict]:
+        """Stop the robot and the node(s); returns the nodes' exit codes and the last rate checks."""
+        self.robot.stop()
+        codes = [nd.stop() for nd in self.nodes]
+        time.sleep(0.2)
+        final = self.rates.run(self.monitor.cmds)
+        self.monitor.stop()
+        for s in (self.operator, self.attacker):
+            s.close()
+        self.pub.close(0)
+        self.ctx.term()
+        for nd in self.nodes:
+            if nd.proc.returncode is None:
+                nd.proc.kill()
+        return codes, final
+
+    def result(self, rows: list[dict], codes: list[int | None], final: dict) -> dict:
+        """The node logs written, its summaries and flight record read, the totals."""
+        for i, nd in enumerate(self.nodes):
+            (self.work / f"serve-{i + 1}.log").write_text("\n".join(line for _, line in nd.drain.lines) + "\n")
+        summaries = [serve_summary(p) for p in sorted(self.record_dir.glob("summary-*.json"))]
+        summary = summaries[-1] if summaries else {}
+        internal_errors = sum(s.get("internal_errors", 0) for s in summaries)
+        spoofed_answered = 0
+        flights = sorted(self.record_dir.glob("flight-*.mcap"))
+        if flights:
+            spoofed_answered = computed_from(node_ticks(flights[-1]), np.resize(MARKER, self.profile.obs_dim))
+        for r in rows:
+            if r["class"] == "s_seq_race_spoof":
+                found = (f"FINDING {spoofed_answered} commands computed from the spoofed observation answered the "
+                         "robot's seqs (flight record)")
+                r["notes"] = "; ".join(filter(None, [r["notes"], found]))
+        late_viol = len(self.bounds_violations()) + final["rate_viol"]
+        crash_rows = sum(not r["alive"] for r in rows)  # each restarted the node; the last node must exit 0
+        crashes = crash_rows + (codes[-1] != 0) + (internal_errors > 0 and crash_rows == 0)
+        violations = sum(r["violations"] for r in rows) + late_viol
+        attack_rows = [r for r in rows if r["class"] != "baseline"]
+        totals = {
+            "messages": sum(r["messages"] for r in rows), "classes": len(attack_rows), "crashes": crashes,
+            "flood_messages": sum(r["messages"] for r in rows if r["class"] in FLOODS),
+            "violations": violations, "rate_checked": sum(r["rate_checked"] for r in rows) + final["rate_checked"],
+            "rate_unverified_exceed": sum(r["_unverified_exceed"] for r in rows) + final["rate_unverified_exceed"],
+            "robot_view_exceed": sum(r["robot_view_exceed"] for r in rows) + final["robot_view_exceed"],
+            "expect_failed": [r["class"] for r in rows if not r["expect_ok"]],
+            "internal_errors": internal_errors, "exit_codes": codes, "replayed": summary.get("replayed"),
+            "safe_stops": summary.get("safe_stops"), "spoofed_answered": spoofed_answered,
+            "classes_with_safe_stop": [r["class"] for r in rows if "-> SAFE_STOP" in r.get("notes", "")],
+            "resyncs": summary.get("resyncs"), "clock_jumps": summary.get("clock_jumps"),
+            "baseline_legit_frac": rows[0]["legit_frac"] if rows else None,
+            "min_legit_frac": min((r["legit_frac"] for r in attack_rows), default=None),
+            "baseline_policy_frac": rows[0]["policy_frac"] if rows else None,
+            "min_policy_frac": min((r["policy_frac"] for r in attack_rows), default=None),
+            "final_state": summary.get("final_state"),
+        }
+        for r in rows:
+            r.pop("_unverified_exceed", None)
+        for r in self.robot.runs:
+            r.pop("_wd_open", None)
+        return {"rows": rows, "robot": self.robot.runs, "summary": summary, "totals": totals}
+
+
 def run_campaign(model: str | Path, work_dir: str | Path, messages: int = 100_000, seed: int = 0,
                  rate_hz: float = 100.0, *, max_delta: float | None = None, burst: int = 16,
                  baseline_s: float = 3.0, flood_s: float = 1.0, classes: list[str] | None = None,
@@ -699,309 +671,26 @@ def run_campaign(model: str | Path, work_dir: str | Path, messages: int = 100_00
     sock_dir = work if len(str(work)) < 80 else Path(tempfile.mkdtemp(prefix="qsm-fuzz-"))
     endpoints = ipc_endpoints(sock_dir)
     prof = build_profile(rate_hz, endpoints, max_delta)
-    profile_path, scenario_path = work / "profile.json", work / "scenario.json"
-    profile_path.write_text(json.dumps(prof, indent=2))
-    scenario_path.write_text(json.dumps({"name": "fuzz-robot", "seed": seed, "episodes": 100_000, "faults": {}}))
-    profile = Profile.load(profile_path)
-    attacks = [a for a in ATTACKS if classes is None or a.name in classes]
+    profile_path = write_json(work / "profile.json", prof)
+    scenario_path = write_json(work / "scenario.json",
+                               {"name": "fuzz-robot", "seed": seed, "episodes": 100_000, "faults": {}})
     unknown = set(classes or ()) - set(CLASS_NAMES)
     if unknown:
         raise ValueError(f"unknown attack classes {sorted(unknown)}; known: {CLASS_NAMES}")
+    attacks = [a for a in ATTACKS if classes is None or a.name in classes]
     counts = allocate(messages, attacks)
-    period_s = 1.0 / profile.rate_hz
-    record_dir = work / "rec"
-    rng = np.random.default_rng(seed)
-
-    ctx = zmq.Context()
+    c = Campaign(model, work, endpoints, profile_path, scenario_path, np.random.default_rng(seed), burst=burst,
+                 flood_s=flood_s, min_class_s=min_class_s, robot_per_class=robot_per_class, log=log)
     rows: list[dict] = []
-    log(f"fuzz: starting qsm-serve on {model} ({profile.rate_hz:g} Hz, max_delta_per_tick "
-        f"{profile.max_delta_per_tick}) in {work}")
-    node = Node(model, profile_path, record_dir, endpoints["control"])
-    nodes = [node]
-    monitor = Monitor(ctx, endpoints["command"], profile.action_low, profile.action_high)
-    monitor.start()
-    spoofed = monitor.spoofed
-    rates = RateCheck(profile.max_delta_per_tick)
-    operator = Dealer(ctx, endpoints["control"])
-    attacker = Dealer(ctx, endpoints["control"])
-    # An XPUB with NODROP is a PUB whose send blocks (up to SNDTIMEO) instead of dropping at the
-    # high-water mark: every frame sent reaches the node's socket, and a flood runs at the rate
-    # the node's socket takes frames, with no backlog left over after the class.
-    pub = ctx.socket(zmq.XPUB)
-    for opt, value in {zmq.LINGER: 0, zmq.SNDHWM: 1000, zmq.XPUB_NODROP: 1, zmq.SNDTIMEO: 2000}.items():
-        pub.setsockopt(opt, value)
-    pub.connect(endpoints["state"])
-    robot = Robot(profile_path, scenario_path, work)
-    gen = Gen(rng, profile.obs_dim, profile.act_dim, monitor)
-
-    def status(timeout_s: float = 5.0) -> dict | None:
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            try:
-                return operator.request(P.MsgType.HEARTBEAT, timeout_s=1.0)
-            except TimeoutError:
-                if not node.alive():
-                    return None
-        return None
-
-    def window(t0: int, t1: int) -> dict:
-        cmds = [c for c in monitor.cmds[-50_000:] if t0 <= c[0] <= t1]
-        legit = [c for c in cmds if c[2] not in ATTACK_REFS and c[2] not in spoofed]
-        policy = sum(1 for c in legit if c[3] & NOT_POLICY == 0)
-        secs, nominal = max(1e-9, (t1 - t0) / 1e9), max(1e-9, (t1 - t0) / 1e9 * profile.rate_hz)
-        return {"cmds_per_s": round(len(cmds) / secs, 1), "legit_per_s": round(len(legit) / secs, 1),
-                "legit_frac": round(len(legit) / nominal, 3), "policy_frac": round(policy / nominal, 3)}
-
-    bad_done = [0]
-
-    def bounds_violations() -> list[str]:
-        """The monitor's frame, size, finite and bounds failures not reported yet."""
-        new = monitor.bad[bad_done[0]:]
-        bad_done[0] += len(new)
-        return [why for _, why in new]
-
-    def wait_loop(n: int, timeout_s: float) -> tuple[bool, int]:
-        """Until the robot gets n policy commands: (it did, times the node was re-armed from SAFE_STOP)."""
-        since, end, rearmed = P.now_ns(), time.monotonic() + timeout_s, 0
-        while time.monotonic() < end:
-            if monitor.wait_policy(n, since, timeout_s=0.25, exclude=spoofed):
-                return True, rearmed
-            s = status()
-            if s is not None and s["node_state"] == "SAFE_STOP":
-                operator.request(P.MsgType.ARM)
-                rearmed += 1
-        return False, rearmed
-
-    def start_robot(label: str, timeout_s: float = 30.0) -> bool:
-        """Start a robot run; re-arm the node if it safe-stopped while no robot ran (that is expected)."""
-        rates.robot_starts.append(P.now_ns())
-        monitor.last_ref = 0
-        spoofed.clear()
-        robot.start(label)
-        return wait_loop(10, timeout_s)[0]
-
-    def send_state(f) -> None:
-        pub.send(f)
-
-    def send_control(f, sock: zmq.Socket) -> None:
-        (sock.send_multipart if isinstance(f, list) else sock.send)(f)
-
     try:
-        # --- baseline: the robot alone -------------------------------------------------------
-        if not start_robot("baseline"):
-            raise RuntimeError("the robot got no policy command within 30 s of its start: the loop does not run")
-        before = status()
-        t0 = P.now_ns()
-        time.sleep(baseline_s)
-        t1 = P.now_ns()
-        after = status()
-        rate = rates.run(monitor.cmds)
-        viol = bounds_violations()
-        rows.append({"class": "baseline", "channel": "-", "messages": 0, "seconds": round((t1 - t0) / 1e9, 2),
-                     "msg_per_s": 0, "alive": node.alive(), "state_after": after["node_state"] if after else "NO REPLY",
-                     "violations": len(viol) + rate["rate_viol"], "rate_checked": rate["rate_checked"],
-                     **window(t0, t1),
-                     **{f"d_{k}": int(after[k] - before[k]) for k in COUNTERS if after and before},
-                     "robot_view_exceed": rate["robot_view_exceed"], "rss_mib": round(rss_kib(node.proc.pid) / 1024, 1),
-                     "expect_ok": True, "notes": "; ".join(viol[:2] + rate["examples"][:2]),
-                     "_unverified_exceed": rate["rate_unverified_exceed"]})
-        robot.classes.append("baseline")
-        base_run = robot.stop()
-        rows[-1].update(robot_fresh=base_run["fresh_frac"], robot_wd_ticks=base_run["watchdog_ticks"])
-        if not robot_per_class and not start_robot("under attack"):
+        rows.append(c.baseline(baseline_s))
+        if not robot_per_class and not c.start_robot("under attack"):
             raise RuntimeError("the robot got no policy command within 30 s of its restart")
-
-        # --- the attack classes ---------------------------------------------------------------
         for attack in attacks:
-            n = counts[attack.name]
-            notes: list[str] = []
-            if robot_per_class and not start_robot(attack.name):
-                raise RuntimeError(f"the robot got no policy command within 30 s of its start before {attack.name}")
-            robot.classes.append(attack.name)
-            before = status()
-            if before is None:
-                raise RuntimeError(f"the node does not answer before {attack.name}")
-            log(f"fuzz: {attack.name}: {n} messages ({attack.mode}) on the {attack.channel} channel")
-            replies0 = attacker.replies
-            big = big_pub = None
-            if attack.mode == "oversize" and attack.channel == "control":
-                big = Dealer(ctx, endpoints["control"], {zmq.RECONNECT_IVL: 5})
-            if attack.mode == "oversize" and attack.channel == "state":
-                # A connection of its own: ZeroMQ closes the connection that sent an oversize frame.
-                big_pub = ctx.socket(zmq.PUB)
-                big_pub.setsockopt(zmq.LINGER, 0)
-                big_pub.setsockopt(zmq.RECONNECT_IVL, 5)
-                big_pub.connect(endpoints["state"])
-                time.sleep(0.1)
-            sock = big.sock if big else attacker.sock
-            send = (big_pub.send if big_pub is not None else send_state) if attack.channel == "state" else (
-                lambda f: send_control(f, sock))
-            sent = 0
-            t0 = P.now_ns()
-            try:
-                if attack.mode == "flood":
-                    pool = [attack.make(gen) for _ in range(min(n, 1024))]
-                    end_ns = t0 + int(flood_s * 1e9)
-                    while sent < n or P.now_ns() < end_ns:
-                        send(pool[sent % len(pool)])
-                        sent += 1
-                        if attack.channel == "control" and sent % 64 == 0:
-                            attacker.drain()
-                else:
-                    # A burst after every `every`-th command to the robot (or 1.5 periods without one),
-                    # k messages a burst, spread over at least min_class_s: a loop rate needs periods.
-                    every = 1 if attack.mode in ("race", "sync") else PACED_EVERY
-                    bursts = max(1, int(min_class_s * profile.rate_hz / every))
-                    k = 1 if attack.mode in ("race", "sync") else min(burst, max(1, -(-n // bursts)))
-                    seen, last_send, count = monitor.triggers, 0.0, 0
-                    while sent < n:
-                        new = monitor.wait_trigger(seen, 1.5 * period_s)
-                        count, seen = (count + new - seen if new != seen else every), new
-                        if count < every:
-                            continue
-                        count = 0
-                        if attack.mode == "race":
-                            if time.monotonic() - last_send < 0.9 * period_s:
-                                continue
-                            last_send = time.monotonic()
-                        for _ in range(min(k, n - sent)):
-                            send(attack.make(gen))
-                            sent += 1
-                        if attack.channel == "control":
-                            attacker.drain()
-            except zmq.Again:
-                notes.append(f"FINDING send blocked for 2 s after {sent} messages (the node's socket took no more)")
-            t1 = P.now_ns()
-            if big is not None:
-                big.close()
-            if big_pub is not None:
-                big_pub.close(0)
-            time.sleep(max(0.05, 5 * period_s))  # the conflated last frame is evaluated at most half a period later
-            attacker.drain()
-            replies = attacker.replies - replies0
-            if attack.channel == "control":
-                try:  # a barrier: the node has read everything this socket sent before
-                    attacker.request(P.MsgType.HEARTBEAT, timeout_s=10.0)
-                except TimeoutError:
-                    notes.append("no reply on the attacker's connection after the class")
-            after = status()
-            alive = node.alive() and after is not None and after["node_state"] != "FAULT"
-            rss = round(rss_kib(node.proc.pid) / 1024, 1) if node.alive() else None
-            row = {"class": attack.name, "channel": attack.channel, "messages": sent,
-                   "seconds": round((t1 - t0) / 1e9, 2), "msg_per_s": round(sent / max(1e-9, (t1 - t0) / 1e9)),
-                   "alive": alive,
-                   "state_after": after["node_state"] if after else ("EXITED" if not node.alive() else "NO REPLY"),
-                   **window(t0, t1)}
-            if after is not None:
-                row.update({f"d_{k}": int(after[k] - before[k]) for k in COUNTERS})
-            if attack.channel == "control":
-                notes.append(f"{replies} STATUS replies")
-            # --- recover for the next class -----------------------------------------------------
-            if not alive:
-                notes.append("CRASH: " + ("process exited" if not node.alive() else
-                                          "FAULT" if after and after["node_state"] == "FAULT" else "no status reply"))
-                log(f"fuzz: {attack.name}: the node crashed; restarting it")
-                node.stop()
-                node = Node(model, profile_path, record_dir, endpoints["control"])
-                nodes.append(node)
-            ok, rearmed = wait_loop(5, max(1.0, 100 * period_s))
-            if rearmed:
-                notes.append(f"re-armed {rearmed}x after SAFE_STOP")
-            if not ok:
-                notes.append(f"FINDING the robot got no policy command within {max(1.0, 100 * period_s):g} s after "
-                             "the class (the node takes its states for replayed or stale): only a robot restart "
-                             "(its first state resets the node's stream) ends this")
-            t_end = P.now_ns()
-            if robot_per_class:
-                run = robot.stop()
-                row.update(robot_fresh=run["fresh_frac"], robot_wd_ticks=run["watchdog_ticks"])
-                if run["watchdog_trips"]:
-                    notes.append(f"robot watchdog: {run['watchdog_trips']} trip(s), {run['watchdog_ticks']} of "
-                                 f"{run['steps']} ticks on its safe command")
-                if run.get("_wd_open"):
-                    notes.append("FINDING the robot was still on its watchdog when its run ended, though the node "
-                                 "answered its states with policy commands after the class")
-            elif not ok:
-                robot.stop()
-                if not start_robot(f"restarted after {attack.name}"):
-                    notes.append("FINDING no recovery even after the robot restarted")
-            for tr in dict.fromkeys(node.transitions(t0, t_end)):
-                if tr.split(":", 1)[0].rsplit("-> ", 1)[-1] in ("SAFE_STOP", "FAULT"):
-                    notes.insert(0, f"FINDING {tr}")
-            rate = rates.run(monitor.cmds)
-            viol = bounds_violations()
-            row.update(violations=len(viol) + rate["rate_viol"], rate_checked=rate["rate_checked"],
-                       robot_view_exceed=rate["robot_view_exceed"], rss_mib=rss,
-                       _unverified_exceed=rate["rate_unverified_exceed"])
-            notes += viol[:3] + rate["examples"][:3]
-            if rate["robot_view_exceed"]:
-                notes.append("FINDING commands answering the robot's consecutive seqs differ by more than "
-                             f"max_delta_per_tick, e.g. {rate['robot_view_examples'][0]}")
-            row["expect_ok"] = after is not None and attack.expect(row)
-            if not row["expect_ok"]:
-                notes.append(f"expected {attack.expect_text}")
-            row["notes"] = "; ".join(notes)
-            rows.append(row)
-            log(f"fuzz: {attack.name}: alive {alive}, {row['state_after']}, violations {row['violations']}, "
-                f"legit {row['legit_frac']}, malformed +{row.get('d_malformed')}, invalid +{row.get('d_state_invalid')}"
-                f"{'; ' + row['notes'] if row['notes'] else ''}")
+            rows.append(c.attack(attack, counts[attack.name]))
     finally:
-        robot.stop()
-        codes = [nd.stop() for nd in nodes]
-        time.sleep(0.2)
-        final = rates.run(monitor.cmds)
-        monitor.stop()
-        for s in (operator, attacker):
-            s.close()
-        pub.close(0)
-        ctx.term()
-        for nd in nodes:
-            if nd.proc.returncode is None:
-                nd.proc.kill()
-
-    for i, nd in enumerate(nodes):
-        (work / f"serve-{i + 1}.log").write_text("\n".join(line for _, line in nd.lines) + "\n")
-    summaries = [serve_summary(p) for p in sorted(record_dir.glob("summary-*.json"))]
-    summary = summaries[-1] if summaries else {}
-    internal_errors = sum(s.get("internal_errors", 0) for s in summaries)
-    spoofed_answered = 0
-    flights = sorted(record_dir.glob("flight-*.mcap"))
-    if flights:
-        ticks = node_ticks(flights[-1])
-        marker = np.resize(MARKER, profile.obs_dim)
-        spoofed_answered = int((ticks["obs"] == marker).all(axis=1).sum())
-    for r in rows:
-        if r["class"] == "s_seq_race_spoof":
-            found = (f"FINDING {spoofed_answered} commands computed from the spoofed observation answered the robot's "
-                     "seqs (flight record)")
-            r["notes"] = "; ".join(filter(None, [r["notes"], found]))
-    late_viol = len(bounds_violations()) + final["rate_viol"]
-    crash_rows = sum(not r["alive"] for r in rows)  # each restarted the node; the last node must exit 0
-    crashes = crash_rows + (codes[-1] != 0) + (internal_errors > 0 and crash_rows == 0)
-    violations = sum(r["violations"] for r in rows) + late_viol
-    attack_rows = [r for r in rows if r["class"] != "baseline"]
-    totals = {
-        "messages": sum(r["messages"] for r in rows), "classes": len(attack_rows), "crashes": crashes,
-        "flood_messages": sum(r["messages"] for r in rows if r["class"] in FLOODS),
-        "violations": violations, "rate_checked": sum(r["rate_checked"] for r in rows) + final["rate_checked"],
-        "rate_unverified_exceed": sum(r["_unverified_exceed"] for r in rows) + final["rate_unverified_exceed"],
-        "robot_view_exceed": sum(r["robot_view_exceed"] for r in rows) + final["robot_view_exceed"],
-        "expect_failed": [r["class"] for r in rows if not r["expect_ok"]],
-        "internal_errors": internal_errors, "exit_codes": codes, "replayed": summary.get("replayed"),
-        "safe_stops": summary.get("safe_stops"), "spoofed_answered": spoofed_answered,
-        "classes_with_safe_stop": [r["class"] for r in rows if "-> SAFE_STOP" in r.get("notes", "")],
-        "resyncs": summary.get("resyncs"), "clock_jumps": summary.get("clock_jumps"),
-        "baseline_legit_frac": rows[0]["legit_frac"] if rows else None,
-        "min_legit_frac": min((r["legit_frac"] for r in attack_rows), default=None),
-        "baseline_policy_frac": rows[0]["policy_frac"] if rows else None,
-        "min_policy_frac": min((r["policy_frac"] for r in attack_rows), default=None),
-        "final_state": summary.get("final_state"),
-    }
-    for r in rows:
-        r.pop("_unverified_exceed", None)
-    for r in robot.runs:
-        r.pop("_wd_open", None)
-    return {"rows": rows, "robot": robot.runs, "summary": summary, "totals": totals, "profile": prof}
+        codes, final = c.close()
+    return {**c.result(rows, codes, final), "profile": prof}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1023,9 +712,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="one robot run for all classes (faster; no per-class robot report)")
     p.add_argument("--work-dir", type=Path, help="profile, sockets, robot reports, flight record (default: a temp dir)")
     a = p.parse_args(argv)
-    if not a.model.is_file():
-        print(f"fuzz: error: model {a.model} does not exist: export one (qsm-export) or pass --model", file=sys.stderr)
-        return 2
+    load_inputs("fuzz", a.model, BASE_PROFILE)
     if a.messages < 1 or a.burst < 1 or not 1 <= a.rate <= 1000:
         print("fuzz: error: --messages and --burst must be >= 1, --rate in [1, 1000] (the profile's range)", file=sys.stderr)
         return 2

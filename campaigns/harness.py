@@ -1,6 +1,6 @@
 """What the campaign scripts share: starting qsm-serve and qsm-sim as separate processes,
-waiting for the node, asking it for its status, reading its exit summary and a process's memory,
-printing tables.
+reading their output and stopping them, waiting for the node, asking it for its status, reading
+its exit summary and a process's memory, printing tables.
 
 The campaigns run the shipped commands (``python -m qsm_robot.cli.serve``, ``python -m
 qsm_robot.robot.node``) exactly as an operator would, so what they measure is what ships.
@@ -10,24 +10,25 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from benchmarks.common import print_table, write_csv  # noqa: F401  (re-exported for the campaigns)
+from qsm_robot.serve import protocol as P
+from qsm_robot.serve.client import ControlClient
+from qsm_robot.serve.profile import Profile, ProfileError
+from qsm_robot.serve.telemetry import ServeSummary
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from common import print_table, write_csv  # noqa: E402,F401  (re-exported for the campaigns)
-
-from qsm_robot.serve import protocol as P  # noqa: E402
-from qsm_robot.serve.client import ControlClient  # noqa: E402
-from qsm_robot.serve.profile import Profile, ProfileError  # noqa: E402
-from qsm_robot.serve.telemetry import ServeSummary  # noqa: E402
-
 SERVE = [sys.executable, "-m", "qsm_robot.cli.serve"]
 SIM = [sys.executable, "-m", "qsm_robot.robot.node"]
 RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_MODEL = REPO / "deploy" / "models" / "cartpole-ref-k1.onnx"
+"""The reference K=1 student the campaigns run by default (``qsm-export RUN --out`` writes it)."""
 
 
 def load_inputs(prog: str, model: Path, profile_path: Path) -> Profile:
@@ -60,6 +61,19 @@ def start_sim(profile: Path, scenario: Path, results: Path, *extra: str, quiet: 
     out = subprocess.DEVNULL if quiet else subprocess.PIPE
     return subprocess.Popen(SIM + ["--profile", str(profile), "--scenario", str(scenario), "--results", str(results), *extra],
                             cwd=REPO, env=child_env(), stdout=out, stderr=out, text=True)
+
+
+def terminate(proc: subprocess.Popen, timeout_s: float) -> int:
+    """SIGTERM a child (qsm-serve then writes its flight record and summary, qsm-sim its report)
+    and wait for it; SIGKILL if it has not ended within ``timeout_s``. Returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return proc.returncode
 
 
 def status(endpoint: str, kind: P.MsgType = P.MsgType.HEARTBEAT, timeout_s: float = 0.5, **client_kw) -> dict:
@@ -119,19 +133,21 @@ def private_profile(profile: Path, work_dir: Path, **overrides) -> Path:
 
 class Drain:
     """Reads a child's piped stdout and stderr on background threads, so that a long run never
-    blocks on a full pipe. ``wait()`` waits for the child's end and returns (stdout, stderr)."""
+    blocks on a full pipe; ``lines`` holds (time.monotonic_ns() of its arrival, line) for both, in
+    arrival order. ``wait()`` waits for the child's end and returns (stdout, stderr)."""
 
     def __init__(self, proc: subprocess.Popen):
         self.proc, self.out, self.err = proc, [], []
+        self.lines: list[tuple[int, str]] = []
         self._threads = [threading.Thread(target=self._pump, args=(stream, buf), daemon=True)
                          for stream, buf in ((proc.stdout, self.out), (proc.stderr, self.err)) if stream is not None]
         for t in self._threads:
             t.start()
 
-    @staticmethod
-    def _pump(stream, buf: list) -> None:
+    def _pump(self, stream, buf: list) -> None:
         for line in stream:
             buf.append(line)
+            self.lines.append((time.monotonic_ns(), line.rstrip("\n")))
 
     def wait(self, timeout_s: float | None = None) -> tuple[str, str]:
         self.proc.wait(timeout_s)

@@ -1,8 +1,9 @@
 """Soak: qsm-serve against qsm-sim for minutes at the profile's rate: memory, rate, latency, misses.
 
-    python campaigns/soak.py [--model deploy/models/cartpole-ref-k1.onnx]
+    python -m campaigns.soak [--model deploy/models/cartpole-ref-k1.onnx]
                              [--profile deploy/profiles/cartpole-500hz.json] [--minutes 10] [--sample-s 5]
 
+(from the repository root; ``python campaigns/soak.py`` works too).
 ``qsm-serve run --arm`` and ``qsm-sim`` (episodes of the profile's episode_steps, as many as the
 soak needs) run as separate processes on a copy of the profile with private ipc endpoints. The node's
 resident memory (RSS) is sampled every --sample-s seconds; every minute (and at the end) a row
@@ -17,7 +18,8 @@ Pass criteria: RSS growth from the minute-1 sample to the end under 5% (from the
 when the soak is shorter than 2 minutes); the robot's achieved rate within 0.5% of the profile's;
 every miss answered by a fallback (per tick in the flight record, which holds the last
 flight_record_ticks ticks; fallbacks >= misses in every window and in the whole-run counters); no
-internal error, never FAULT; and the node RUNNING at every sample (no safe-stop).
+internal error, never FAULT; and the node RUNNING at every sample (no safe-stop). The processes
+are run as faults.py runs them; the checks on misses, fallbacks and faults are invariants.py's.
 
 Prints the table, writes benchmarks/results/soak_<time>.csv (the minute rows and a whole-run row;
 work files in benchmarks/results/soak-<time>/), exits 1 if a criterion fails.
@@ -25,14 +27,20 @@ work files in benchmarks/results/soak-<time>/), exits 1 if a criterion fails.
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # python campaigns/soak.py: the repo root on sys.path
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from faults import DEFAULT_MODEL, DEFAULT_PROFILE, FaultError, Session, flight_counts, start_running, stop
-from harness import RESULTS, load_inputs, print_table, rss_kib, status, write_csv
+from campaigns.faults import DEFAULT_PROFILE, FaultError, Session, start_running, stop
+from campaigns.harness import DEFAULT_MODEL, RESULTS, load_inputs, print_table, rss_kib, status, write_csv
+from campaigns.invariants import fallback_problems, fallbacks_cover_misses, flight_counts, health_problems
 
 RSS_GROWTH_PCT, RATE_TOL_PCT = 5.0, 0.5
 COLUMNS = ["minute", "node_state", "rss_kib", "rss_max_kib", "rss_growth_pct", "rate_hz", "ticks", "misses",
@@ -100,7 +108,7 @@ def criteria(result: dict, minutes: float) -> list[tuple[str, bool, str]]:
     rows, run, summary, p = result["rows"], result["run"], result["summary"], result["profile"]
     fc = flight_counts(result["ticks"])
     rate_err = 100.0 * (run["rate_hz"] / p.rate_hz - 1)
-    bad_windows = [r["minute"] for r in rows if r["fallbacks"] < r["misses"]]
+    bad_windows = [r["minute"] for r in rows if not fallbacks_cover_misses(r)]
     states = sorted({r["node_state"] for r in rows})
     base = "the minute-1 sample" if minutes >= 2 else "the first sample (soak shorter than 2 minutes)"
     return [
@@ -110,12 +118,12 @@ def criteria(result: dict, minutes: float) -> list[tuple[str, bool, str]]:
         (f"achieved rate within {RATE_TOL_PCT:g}% of {p.rate_hz:g} Hz", abs(rate_err) <= RATE_TOL_PCT,
          f"robot {run['rate_hz']:.3f} Hz ({rate_err:+.3f}%); node answered {run['node_mean_rate_hz']} Hz"),
         ("every miss answered by a fallback",
-         fc["misses_with_fallback"] == fc["misses"] and not bad_windows and summary["fallbacks"] >= summary["misses"],
+         not fallback_problems(fc) and not bad_windows and fallbacks_cover_misses(summary),
          f"flight record (last {fc['ticks']} ticks): {fc['misses_with_fallback']}/{fc['misses']} misses with a fallback; "
          f"whole run: {summary['misses']} misses, {summary['fallbacks']} fallbacks; windows with fewer fallbacks "
          f"than misses: {bad_windows or 'none'}"),
         ("no internal error, never FAULT",
-         summary["internal_errors"] == 0 and summary["final_state"] != "FAULT" and "FAULT" not in states,
+         not health_problems(summary, states),
          f"internal errors {summary['internal_errors']}, final state {summary['final_state']}, states seen {states}"),
         ("RUNNING throughout (no safe-stop)", states == ["RUNNING"] and not summary.get("safe_stops"),
          f"states at the samples {states}, safe-stops {summary.get('safe_stops')} {summary.get('safe_stop_reasons', [])[:2]}"),

@@ -1,8 +1,9 @@
 """Training durability: kill -9 qsm-train at random moments; the latest checkpoint must load and
 ``qsm-train --resume`` must finish the run every time.
 
-    python campaigns/train_durability.py [--trials 20] [--seed 0] [--max-kill-s 6] [--extra-steps 200]
+    python -m campaigns.train_durability [--trials 20] [--seed 0] [--max-kill-s 6] [--extra-steps 200]
 
+(from the repository root; ``python campaigns/train_durability.py`` works too).
 Each trial starts ``python -m qsm_robot.cli.train --preset smoke`` (32-wide networks, a checkpoint
 every 100 steps, no evaluation until the end) into a fresh run directory, sends it SIGKILL after a
 random delay, then checks:
@@ -27,6 +28,11 @@ benchmarks/results/train_durability_<time>.csv, and exits 1 if any trial failed.
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # python campaigns/train_durability.py: the repo root on sys.path
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import json
 import os
@@ -40,8 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import REPO, RESULTS, child_env, print_table, write_csv
-
+from campaigns.harness import REPO, RESULTS, child_env, print_table, write_csv
 from qsm_robot.qsm.policy import CheckpointError, load_policy
 from qsm_robot.train.checkpoint import load_train_state
 from qsm_robot.train.run_log import read_csv

@@ -8,7 +8,8 @@ import json
 
 import pytest
 from conftest import profile_data
-from faults import fault_kill_robot, fault_restart_robot, fault_restart_serve, fault_spikes, fault_spikes_consecutive
+
+from campaigns.faults import fault_kill_robot, fault_restart_robot, fault_restart_serve, fault_spikes, fault_spikes_consecutive
 
 PERIOD_MS = 10.0
 STALE_PERIODS, MAX_STALE, MAX_MISSES, BUDGET_MS = 3, 10, 10, 2.0

@@ -3,8 +3,10 @@ qsm-serve on the tiny model with qsm-sim as the legitimate robot (one robot run 
 
 import numpy as np
 import zmq
-from fuzz import CLASS_NAMES, MIN_PER_CLASS, Monitor, RateCheck, allocate, build_profile, frame, run_campaign
 
+from campaigns.attacks import ATTACKS, CLASS_NAMES, MIN_PER_CLASS, allocate, frame
+from campaigns.fuzz import Monitor, build_profile, run_campaign
+from campaigns.invariants import RateCheck
 from qsm_robot.serve import protocol as P
 
 EXACT_CONTROL = ("c_random_bytes", "c_bad_header", "c_multipart", "c_wrong_type")
@@ -12,8 +14,6 @@ EXACT_CONTROL = ("c_random_bytes", "c_bad_header", "c_multipart", "c_wrong_type"
 
 
 def test_allocation_covers_every_class_and_the_total():
-    from fuzz import ATTACKS
-
     counts = allocate(3000, ATTACKS)
     assert set(counts) == set(CLASS_NAMES) and min(counts.values()) >= MIN_PER_CLASS
     assert sum(counts.values()) >= 3000

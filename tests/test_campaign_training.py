@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_durability import kill_delays, run_trial
 
+from campaigns.train_durability import kill_delays, run_trial
 from qsm_robot.cli.train import main
 from qsm_robot.config import preset_config
 from qsm_robot.qsm.policy import CheckpointError

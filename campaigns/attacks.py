@@ -18,9 +18,10 @@ from qsm_robot.serve import protocol as P
 from qsm_robot.serve.status import SCALARS as STATUS_SCALARS
 
 U32 = 0xFFFFFFFF
-ATTACK_REFS = frozenset({0, U32})
-"""Refs of commands that answer the attacker's states: its accepted states carry seq 0 (with the
-restart flag), 2**63 (ref 0) or 2**64-1 (ref 0xFFFFFFFF); the robot's seqs start at 1."""
+ATTACK_REFS = frozenset({0})
+"""Refs of commands that answer the attacker's seq-0 states (sent with the restart flag); answers to
+its other seqs (2**63 and up, one above the robot's) are noted in ``Gen.spoofed``. Protocol v2 refs
+are 64 bits like seqs, so each answer names the full seq it answers; the robot's seqs start at 1."""
 MARKER = np.array([0.123, -0.456, 0.789, 1.5, -2.5, 0.25, -0.75, 0.5], np.float32)
 """The race class's spoofed observation (first obs_dim values): found again in the flight record."""
 RESTART = int(P.StateFlag.RESTART)
@@ -29,13 +30,13 @@ MIN_PER_CLASS = 20
 
 # --- frames ------------------------------------------------------------------------------------
 def frame(kind: int = P.MsgType.STATE, payload=(), *, magic: bytes = P.MAGIC, version: int = P.PROTOCOL_VERSION,
-          count: int | None = None) -> bytes:
+          count: int | None = None, reserved: int = 0) -> bytes:
     """A frame with a header that P.encode never writes: another magic or version, any int for
-    the type, a count that does not match the payload (``bytes`` payloads of any length too);
-    seq, flags and ref 0."""
+    the type, a count that does not match the payload (``bytes`` payloads of any length too), a
+    non-zero reserved word; seq, flags and ref 0."""
     data = payload if isinstance(payload, bytes) else np.ascontiguousarray(payload, "<f4").ravel().tobytes()
     return P.HEADER.pack(magic, version, int(kind), 0, 0, P.now_ns(), 0,
-                         len(data) // 4 if count is None else count) + data
+                         len(data) // 4 if count is None else count, reserved) + data
 
 
 class RobotView(Protocol):
@@ -56,8 +57,8 @@ class Gen:
 
     def spoof(self, seq: int) -> int:
         """Note the ref that the node's answer to a state with this seq will carry (not the robot's)."""
-        if seq & U32 not in ATTACK_REFS:
-            self.spoofed.add(seq & U32)
+        if seq not in ATTACK_REFS:
+            self.spoofed.add(seq)
         return seq
 
     def obs(self, n: int | None = None) -> np.ndarray:
@@ -106,7 +107,13 @@ def g_bad_magic(g: Gen) -> bytes:
 
 
 def g_bad_version(g: Gen) -> bytes:
-    return frame(P.MsgType.STATE, g.obs(), version=g.pick([0, 2, 3, 127, 128, 255, int(g.rng.integers(2, 256))]))
+    """Another protocol version (1: a peer written for the previous one), counted as wrong_version."""
+    other = [v for v in (0, 1, 3, 127, 128, 255, int(g.rng.integers(0, 256))) if v != P.PROTOCOL_VERSION]
+    return frame(P.MsgType.STATE, g.obs(), version=g.pick(other))
+
+
+def g_reserved(g: Gen) -> bytes:
+    return frame(P.MsgType.STATE, g.obs(), reserved=g.pick([1, 2**31, U32, int(g.rng.integers(1, 2**32))]))
 
 
 def g_unknown_type(g: Gen) -> bytes:
@@ -199,7 +206,7 @@ def g_ctl_bad_header(g: Gen) -> bytes:
     if variant == 1:
         return frame(P.MsgType.HEARTBEAT, magic=g.pick([b"RMSQ", b"\0\0\0\0", b"qsmr"]))
     if variant == 2:
-        return frame(P.MsgType.HEARTBEAT, version=g.pick([0, 2, 255]))
+        return frame(P.MsgType.HEARTBEAT, version=g.pick([0, 1, 255]))
     if variant == 3:
         return frame(g.pick([0, 8, 200, 255]))
     return frame(P.MsgType.HEARTBEAT, g.obs(2), count=g.pick([0, 1, 3, 4097, U32]))
@@ -236,6 +243,15 @@ def g_heartbeat(g: Gen) -> bytes:
 # --- expectations on the node's counters (a class's row: counter deltas and messages sent) --------
 def exact_malformed(r: dict) -> bool:
     return r["d_malformed"] == r["messages"]
+
+
+def exact_rejected(r: dict) -> bool:
+    """Each control message dropped once: as malformed, or as another protocol version."""
+    return r["d_malformed"] + r["d_wrong_version"] == r["messages"]
+
+
+def some_wrong_version(r: dict) -> bool:
+    return 0 < r["d_wrong_version"] <= r["messages"] and r["d_malformed"] == 0
 
 
 def some_malformed(r: dict) -> bool:
@@ -275,7 +291,8 @@ ATTACKS = [
     Attack("s_random_bytes", "state", 8, g_random_bytes, some_malformed, "malformed>0"),
     Attack("s_truncated", "state", 4, g_truncated, some_malformed, "malformed>0"),
     Attack("s_bad_magic", "state", 3, g_bad_magic, some_malformed, "malformed>0"),
-    Attack("s_bad_version", "state", 3, g_bad_version, some_malformed, "malformed>0"),
+    Attack("s_bad_version", "state", 3, g_bad_version, some_wrong_version, "wrong_version>0, nothing malformed"),
+    Attack("s_reserved_nonzero", "state", 2, g_reserved, some_malformed, "malformed>0"),
     Attack("s_unknown_type", "state", 3, g_unknown_type, some_malformed, "malformed>0"),
     Attack("s_count_mismatch", "state", 4, g_count_mismatch, some_malformed, "malformed>0"),
     Attack("s_wrong_size", "state", 4, g_wrong_size, some_invalid, "state_invalid>0"),
@@ -292,7 +309,7 @@ ATTACKS = [
     Attack("s_oversize", "state", 0.2, g_state_oversize, accepted, "dropped by ZeroMQ (MAXMSGSIZE)", mode="oversize"),
     Attack("s_sync_garbage", "state", 1, g_random_bytes, some_malformed, "malformed>0", mode="sync"),
     Attack("c_random_bytes", "control", 4, g_random_bytes, exact_malformed, "malformed == messages"),
-    Attack("c_bad_header", "control", 4, g_ctl_bad_header, exact_malformed, "malformed == messages"),
+    Attack("c_bad_header", "control", 4, g_ctl_bad_header, exact_rejected, "malformed + wrong_version == messages"),
     Attack("c_multipart", "control", 3, g_ctl_multipart, exact_malformed, "malformed == messages"),
     Attack("c_wrong_type", "control", 3, g_ctl_wrong_type, exact_malformed, "malformed == messages"),
     Attack("c_heartbeat_payload", "control", 2, g_ctl_with_payload, exact_malformed, "malformed == messages"),

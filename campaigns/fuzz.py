@@ -105,10 +105,10 @@ PACED_EVERY = 2
 """Paced classes burst after every 2nd command to the robot (s_sync_garbage sends one frame after
 every command)."""
 COUNTERS = ("malformed", "state_invalid", "ticks", "stale", "fallbacks", "rate_clamped", "bounds_clamped", "misses",
-            "action_invalid")
+            "action_invalid", "wrong_version", "restarts", "seq_gaps", "superseded", "replayed", "clock_jumps")
 COLUMNS = ["class", "channel", "messages", "seconds", "msg_per_s", "alive", "state_after", "violations",
            "rate_checked", "cmds_per_s", "legit_per_s", "legit_frac", "policy_frac", "robot_fresh", "robot_wd_ticks",
-           "d_malformed", "d_state_invalid", "d_ticks",
+           "d_malformed", "d_wrong_version", "d_state_invalid", "d_ticks", "d_restarts", "d_superseded",
            "d_stale", "d_fallbacks", "d_rate_clamped", "d_misses", "robot_view_exceed", "rss_mib", "expect_ok", "notes"]
 ROBOT_COLUMNS = ["run", "classes", "steps", "achieved_hz", "fresh_frac", "on_time_frac", "late", "one_tick_late",
                  "watchdog_trips", "watchdog_ticks", "rejected", "safe_from_node"]
@@ -245,7 +245,7 @@ class Attacker:
             if not self.sock.poll(max(1, int(left * 1000))):
                 break
             msg = self._take(self.sock.recv())
-            if msg is not None and msg.type == P.MsgType.STATUS and msg.ref == self.seq & U32:
+            if msg is not None and msg.type == P.MsgType.STATUS and msg.ref == self.seq:
                 return True
         return False
 

@@ -9,7 +9,7 @@ from campaigns.fuzz import Monitor, build_profile, run_campaign
 from campaigns.invariants import RateCheck
 from qsm_robot.serve import protocol as P
 
-EXACT_CONTROL = ("c_random_bytes", "c_bad_header", "c_multipart", "c_wrong_type")
+EXACT_CONTROL = ("c_random_bytes", "c_multipart", "c_wrong_type")
 """Control-channel classes the node reads one by one (no conflation): each message is one malformed."""
 
 
@@ -70,12 +70,17 @@ def test_fuzz_campaign_every_class_no_crash_no_violation(tiny_model, tmp_path):
     # Deterministic counters: each control message is read and counted as malformed exactly once.
     for name in EXACT_CONTROL:
         assert rows[name]["d_malformed"] == rows[name]["messages"] >= MIN_PER_CLASS
+    bad_header = rows["c_bad_header"]  # another version is counted apart from malformed
+    assert bad_header["d_malformed"] + bad_header["d_wrong_version"] == bad_header["messages"] >= MIN_PER_CLASS
+    assert bad_header["d_wrong_version"] > 0
     assert rows["c_heartbeat_payload"]["d_malformed"] == rows["c_heartbeat_payload"]["messages"]  # no payload allowed
     assert rows["c_oversize"]["d_malformed"] == 0 and rows["s_oversize"]["d_malformed"] == 0  # dropped by ZeroMQ unread
     # The state channel conflates: at least some frames were evaluated, never more than were sent.
-    for name in ("s_random_bytes", "s_truncated", "s_bad_magic", "s_bad_version", "s_unknown_type",
+    for name in ("s_random_bytes", "s_truncated", "s_bad_magic", "s_reserved_nonzero", "s_unknown_type",
                  "s_count_mismatch", "s_wrong_type", "s_flood_garbage"):
         assert 0 < rows[name]["d_malformed"] <= rows[name]["messages"]
+    assert 0 < rows["s_bad_version"]["d_wrong_version"] <= rows["s_bad_version"]["messages"]
+    assert rows["s_bad_version"]["d_malformed"] == 0
     for name in ("s_nan", "s_inf", "s_wrong_size"):
         assert rows[name]["d_state_invalid"] > 0 and rows[name]["d_malformed"] == 0
     for name in ("s_huge_1e30", "s_denormal", "s_replayed_seq", "s_out_of_order_seq"):

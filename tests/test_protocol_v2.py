@@ -226,3 +226,31 @@ def test_the_states_around_the_first_arm_of_a_fresh_node_are_all_accounted_for(t
     assert node.core.state == P.NodeState.RUNNING and report.safe_commands_from_node > 0
     assert any(v != 0.0 for v in robot.commands), "after the ARM the policy's commands reach the robot"
     reconcile(c, report.states_sent)
+
+
+def test_a_forged_stream_interleaved_with_the_robots_costs_a_safe_stop_within_the_bound(core):
+    """Forged seqs 2^63 + k, one per robot state: the forgeries are taken, the robot's states
+    rejected; the node re-syncs and safe-stops within resync_after_rejected + 2 robot states
+    (version 1 counted rejections in a row, which each taken forgery reset: no bound at all)."""
+    assert core.arm("test")
+    now = time.monotonic_ns()
+    for seq in range(1, 11):
+        core.answer(state(seq), now)
+    n = core.profile.resync_threshold
+    robot_states = 0
+    for k in range(1, 4 * n):
+        core.answer(state(2**63 + k), now)
+        robot_states += 1
+        core.answer(state(10 + k), now)
+        if core.state == P.NodeState.SAFE_STOP:
+            break
+    assert core.state == P.NodeState.SAFE_STOP and core.counters.resyncs == 1
+    assert robot_states <= n + 2
+
+
+def test_the_protocol_campaign_cases_pass_on_a_small_model(tiny_model):
+    from campaigns import protocol
+
+    rows = protocol.run(tiny_model, rate_hz=100, trials=1, steps=120, log=lambda m: None)
+    failed = {r["case"]: r["problems"] for r in rows if not r["passed"]}
+    assert len(rows) == len(protocol.CASES) and not failed

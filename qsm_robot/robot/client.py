@@ -386,9 +386,10 @@ class RobotClient:
             if gate.offer(msg, time.monotonic_ns()):
                 return
 
-    def run(self, episodes: int | None = None, connect_wait_s: float = 0.5) -> RobotReport:
+    def run(self, episodes: int | None = None, connect_wait_s: float = 0.5, first_seq: int = 1) -> RobotReport:
         """Run the control loop until ``request_stop()`` or, with ``episodes``, until that many
-        episodes have ended; return the report."""
+        episodes have ended; return the report. ``first_seq``: the first state's seq (1; the
+        campaigns start higher to check 64-bit refs)."""
         prof = self.profile
         period = int(round(prof.period_s * 1e9))
         spin_ns = int(prof.spin_us * 1e3)
@@ -401,7 +402,7 @@ class RobotClient:
         report.realtime = rt.to_dict()
         gate = CommandGate(prof, report, self.log)
         time.sleep(connect_wait_s)  # let the PUB/SUB connections form before the first state
-        seq, ep_steps, flags = 0, 0, int(P.StateFlag.EPISODE_START)
+        seq, ep_steps, flags = first_seq - 1, 0, int(P.StateFlag.EPISODE_START)
         start = deadline = time.monotonic_ns()
         poller = zmq.Poller()
         poller.register(self.cmd_sock, zmq.POLLIN)

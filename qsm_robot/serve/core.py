@@ -145,7 +145,11 @@ class NodeCore:
         self.last_state_seq: int | None = None
         self._last_good_ns: int | None = None
         self._offset_ns: int | None = None
-        self._consecutive_misses = self._consecutive_stale = self._consecutive_rejected = 0
+        self._consecutive_misses = self._consecutive_stale = 0
+        self._window: deque[bool] = deque(maxlen=2 * profile.resync_threshold)
+        """For the last 2 x resync_after_rejected state frames read: whether each was rejected for its
+        seq or clock. A stream that keeps being rejected (a restart without its flag), or one
+        interleaved with a forged stream that keeps being taken, fills half of it."""
         self._restarting = False  # the last state taken carried the restart flag
         self.pending: Admitted | None = None
         """The newest admitted state, until it is due (``take_due``)."""
@@ -277,18 +281,21 @@ class NodeCore:
         # restart survives the loss of its first states (ZeroMQ drops what is published before
         # the connection is up); the states before the first one read are counted as seq gaps.
         restart = flagged and (not self._restarting or self.last_state_seq is None or msg.seq <= self.last_state_seq)
-        # Re-sync: after resync_after_rejected states in a row rejected for their seq or their
-        # clock, the stream itself has changed (a robot restarted without its flag, a forged seq
-        # or clock): take this state as the new reference, and safe-stop, so that acting on the
-        # new stream needs an operator's ARM.
-        resync = not restart and self._consecutive_rejected >= self.profile.resync_threshold
+        # Re-sync: once resync_after_rejected of the last 2 x resync_after_rejected state frames
+        # were rejected for their seq or their clock, the stream itself has changed (a robot
+        # restarted without its flag, a forged seq or clock, another stream interleaved with the
+        # robot's): take this state as the new reference, and safe-stop, so that acting on the new
+        # stream needs an operator's ARM.
+        rejected = sum(self._window)
+        resync = not restart and rejected >= self.profile.resync_threshold
         if resync:
             self.counters.resyncs += 1
-            self.event(Event.RESYNC, f"re-synchronised to the state stream after {self._consecutive_rejected} "
-                                     "rejected states: ARM to continue")
+            self._window.clear()
+            self.event(Event.RESYNC, f"re-synchronised to the state stream after {rejected} rejected states: "
+                                     "ARM to continue")
         if self.last_state_seq is not None and msg.seq <= self.last_state_seq and not (resync or restart):
             self.counters.replayed += 1  # old, replayed or out-of-order: never act on it
-            self._consecutive_rejected += 1
+            self._window.append(True)
             return None
         transit = t_recv - msg.t_ns
         if self.profile.same_clock:
@@ -297,7 +304,7 @@ class NodeCore:
             # forged time: never acted on.
             if transit < -self.stale_ns:
                 self.counters.clock_jumps += 1
-                self._consecutive_rejected += 1
+                self._window.append(True)
                 self._take_seq(msg.seq, restart, resync, flagged)  # counted once: as a clock jump, not a gap
                 return None
             self._offset_ns = 0
@@ -306,7 +313,7 @@ class NodeCore:
             new_reference = self._offset_ns is None or resync or restart
             self._offset_ns = transit if new_reference else min(self._offset_ns, transit)
         self._take_seq(msg.seq, restart, resync, flagged)
-        self._consecutive_rejected = 0
+        self._window.append(False)
         return Admitted(msg, transit - self._offset_ns, t_recv)
 
     def _take_seq(self, seq: int, restart: bool, resync: bool, flagged: bool) -> None:

@@ -136,7 +136,12 @@ def test_cli_exports_a_verified_model_with_its_contract_and_report(run_dir, tmp_
     assert contract.teacher_sha256 == exporter.teacher_sha256(run_dir / "checkpoints" / "step_000000300")
     assert contract.verification["parity"]["max_abs_diff"] <= 1e-5
     report = json.loads(out.with_suffix(".report.json").read_text())
-    assert report["passed"] and set(report["gates"]) == {"graph", "parity", "retention", "latency"}
+    assert report["passed"] and set(report["gates"]) == {"graph", "parity", "retention", "latency", "distribution"}
+    dist = report["gates"]["distribution"]  # measured on held-out states, reported, not enforced by default
+    assert dist["enforced"] is False and dist["states"] == 32 and 0 <= dist["w1_mean"] <= dist["w1_worst"] <= 1
+    assert "distribution      W1/range mean" in text
+    parity = report["gates"]["parity"]  # against float64 torch; tolerance = base + 2 x torch float32's own error
+    assert parity["tolerance"] == pytest.approx(parity["base_tolerance"] + 2 * parity["torch_float32_error"])
     assert out.with_suffix(".actions.png").stat().st_size > 10_000
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
@@ -185,6 +190,12 @@ def test_a_broken_student_fails_the_retention_gate_and_leaves_no_file(run_dir, t
     assert export_main([str(run_dir), "--out", str(out), "--force"] + FAST) == 0
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["passed"] is False and report["gates"]["retention"]["passed"] is False
+    # The constant student also puts all its mass where the teacher has none: the distribution gate
+    # sees it, and refuses the export when it is enforced.
+    assert report["gates"]["distribution"]["passed"] is False
+    out2 = tmp_path / "enforced.onnx"
+    assert export_main([str(run_dir), "--out", str(out2), "--min-retention", "0", "--enforce-distribution"] + FAST) == 1
+    assert "gate(s) failed: distribution" in capsys.readouterr().err and not out2.exists()
 
 
 def test_parity_gate_catches_a_graph_that_differs_from_torch(run_dir, tmp_path, monkeypatch, capsys):

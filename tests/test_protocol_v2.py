@@ -92,36 +92,36 @@ def test_a_restart_flag_repeated_until_answered_starts_a_new_stream_without_a_sa
     assert core.arm("test")
     now = time.monotonic_ns()
     for seq in range(2, 41):  # the first robot: its seq 1 (flagged) was lost, seq 2 is the first read
-        core.answer(state(seq, P.StateFlag.RESTART if seq <= 2 else 0), now)
+        core.answer(state(seq, P.StateFlag.RESTART if seq <= 2 else 0), time.monotonic_ns())
     assert core.state == P.NodeState.RUNNING and core.counters.restarts == 1
     # It restarts: its first two states are lost to the new connection, the third is read.
-    assert core.answer(state(3, P.StateFlag.RESTART), now) is not None  # below seq 40, yet taken
-    assert core.answer(state(4, P.StateFlag.RESTART), now) is not None  # flagged, continuing the new stream
-    assert core.answer(state(5), now) is not None
+    assert core.answer(state(3, P.StateFlag.RESTART), time.monotonic_ns()) is not None  # below seq 40, yet taken
+    assert core.answer(state(4, P.StateFlag.RESTART), time.monotonic_ns()) is not None  # flagged, continuing the new stream
+    assert core.answer(state(5), time.monotonic_ns()) is not None
     c = core.counters
     assert (c.restarts, c.resyncs, c.replayed, c.safe_stops) == (2, 0, 0, 0) and core.state == P.NodeState.RUNNING
     assert c.seq_gaps == 1 + 2  # seq 1 of the first run, seqs 1-2 of the second
     # A flagged state below the flagged stream's last seq: the robot restarted again.
-    assert core.answer(state(1, P.StateFlag.RESTART), now) is not None and c.restarts == 3
+    assert core.answer(state(1, P.StateFlag.RESTART), time.monotonic_ns()) is not None and c.restarts == 3
 
 
 def test_every_state_is_accounted_for(core):
     """seqs sent = ticks + superseded + seq_gaps + replayed + clock_jumps (+ one pending)."""
     now = time.monotonic_ns()
     sent = 0
-    core.hold(core.admit(state(1, P.StateFlag.RESTART), now))
+    core.hold(core.admit(state(1, P.StateFlag.RESTART), time.monotonic_ns()))
     sent += 1
     for seq in range(2, 30):
         sent += 1
         if seq % 7 == 0:
             continue  # lost in the conflating queue
         frame = state(seq, t_ns=now + 10**15) if seq == 20 else state(seq)  # 20: a clock jump
-        core.hold(core.admit(frame, now))
+        core.hold(core.admit(frame, time.monotonic_ns()))
         if seq % 3:  # the flood guard lets every third state wait, and the next supersedes it
             admitted = core.take_due(now + seq * PERIOD_NS)
             if admitted is not None:
                 core.record(core.act(admitted), time.monotonic_ns())
-    core.hold(core.admit(state(12), now))  # a replay
+    core.hold(core.admit(state(12), time.monotonic_ns()))  # a replay
     sent += 1
     c = core.counters
     pending = int(core.pending is not None)
@@ -146,7 +146,7 @@ def test_core_due_at_and_take_due_follow_the_flood_guard(core):
     now = time.monotonic_ns()
     assert core.due_at(now) is None
     for seq in (1, 2, 3):
-        core.hold(core.admit(state(seq), now))
+        core.hold(core.admit(state(seq), time.monotonic_ns()))
         assert core.due_at(now) is not None
         if seq < 3:
             assert core.take_due(now) is not None  # two back to back
@@ -235,13 +235,13 @@ def test_a_forged_stream_interleaved_with_the_robots_costs_a_safe_stop_within_th
     assert core.arm("test")
     now = time.monotonic_ns()
     for seq in range(1, 11):
-        core.answer(state(seq), now)
+        core.answer(state(seq), time.monotonic_ns())
     n = core.profile.resync_threshold
     robot_states = 0
     for k in range(1, 4 * n):
-        core.answer(state(2**63 + k), now)
+        core.answer(state(2**63 + k), time.monotonic_ns())
         robot_states += 1
-        core.answer(state(10 + k), now)
+        core.answer(state(10 + k), time.monotonic_ns())
         if core.state == P.NodeState.SAFE_STOP:
             break
     assert core.state == P.NodeState.SAFE_STOP and core.counters.resyncs == 1

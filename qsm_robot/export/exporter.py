@@ -20,6 +20,7 @@ import torch
 
 from qsm_robot.checkpoint_layout import replay_observations
 from qsm_robot.envs import make_env, run_episodes
+from qsm_robot.export import fidelity
 from qsm_robot.export.contract import ModelContract
 from qsm_robot.export.runtime import latency_us, make_session
 from qsm_robot.export.student import ActuatorPolicy, TeacherSampler, distill
@@ -46,6 +47,8 @@ class ExportOptions:
     student_hidden: int = 256
     student_layers: int = 2
     student_activation: str = "relu"
+    distill_method: str = "regression"
+    """Distillation objective (``student.METHODS``)."""
     state_episodes: int = 8
     """Teacher rollouts whose states (with the replay buffer's, when present) train the student."""
     eval_episodes: int = 5
@@ -53,6 +56,16 @@ class ExportOptions:
     parity_samples: int = 1000
     parity_tol: float = 1e-5
     latency_calls: int = 2000
+    fidelity_states: int = 32
+    """Held-out states (from the retention gate's evaluation episodes) for the distribution gate."""
+    fidelity_samples: int = 256
+    """Actions drawn per state and sampler for the distribution gate."""
+    fidelity: fidelity.FidelityThresholds = field(default_factory=fidelity.FidelityThresholds)
+    """The distribution gate's thresholds."""
+    enforce_distribution: bool = False
+    """Refuse an export that fails the distribution gate. Off by default for now: no distillation
+    method passes it yet on the trained policies measured (README, "Faithful students"); the
+    figures are reported, and a failure is printed as a warning."""
     seed: int = 0
     progress: bool = True
 
@@ -71,7 +84,8 @@ class ExportReport:
 
     @property
     def passed(self) -> bool:
-        return all(g["passed"] for g in self.gates.values())
+        """Every enforced gate passed (a gate with ``"enforced": False`` only reports)."""
+        return all(g["passed"] or not g.get("enforced", True) for g in self.gates.values())
 
 
 def teacher_sha256(checkpoint: Path) -> str:
@@ -113,6 +127,15 @@ def onnx_policy_fn(session, noise_shape: tuple, rng: np.random.Generator):
     return fn
 
 
+def sampler_fn(module: torch.nn.Module, noise_shape: tuple) -> fidelity.Sampler:
+    """A torch (obs, noise) module as a fidelity sampler (noise from the caller's rng)."""
+    return lambda obs, rng: torch_policy_fn(module, noise_shape, rng)(obs)
+
+
+def onnx_sampler_fn(session, noise_shape: tuple) -> fidelity.Sampler:
+    return lambda obs, rng: onnx_policy_fn(session, noise_shape, rng)(obs)
+
+
 def to_onnx(module: torch.nn.Module, obs_dim: int, noise_shape: tuple, contract: ModelContract) -> onnx.ModelProto:
     buf = io.BytesIO()
     dyn = {"obs": {0: "batch"}, "noise": {0: "batch"}, "action": {0: "batch"}}
@@ -144,17 +167,32 @@ def check_graph(model: onnx.ModelProto) -> dict:
 
 
 def check_parity(session, module, states: np.ndarray, noise_shape: tuple, n: int, tol: float, rng) -> dict:
-    """onnxruntime vs torch on n (obs, noise) pairs: half replay/rollout states, half wide random."""
+    """onnxruntime against the exact (float64) evaluation of the same torch module, on n (obs, noise)
+    pairs: half replay/rollout states, half wide random.
+
+    The tolerance is ``tol`` plus twice torch's own float32 error on the same inputs (float32 torch
+    against float64 torch): a multi-step chain amplifies float32 rounding, and a graph whose
+    summation order differs from torch's may be off by as much as torch itself, no more. For a
+    one-step student that error is ~1e-7 and the gate is ``tol``; for the T-step teacher it is the
+    chain's measured amplification instead of a hand-raised constant.
+    """
+    import copy
+
     pick = states[rng.integers(0, len(states), n - n // 2)]
     wide = rng.standard_normal((n // 2, states.shape[1])).astype(np.float32) * (np.abs(states).max(0) + 1.0)
     obs = np.concatenate([pick, wide]).astype(np.float32)
     noise = rng.standard_normal((n, *noise_shape), dtype=np.float32)
-    ours = session.run(None, {"obs": obs, "noise": noise})[0]
+    ours = session.run(None, {"obs": obs, "noise": noise})[0].astype(np.float64)
     with torch.no_grad():
-        ref = module(torch.from_numpy(obs), torch.from_numpy(noise)).numpy()
-    diff = np.abs(ours - ref)
-    return {"passed": float(diff.max()) <= tol, "max_abs_diff": float(diff.max()),
-            "mean_abs_diff": float(diff.mean()), "tolerance": tol, "samples": n}
+        ref32 = module(torch.from_numpy(obs), torch.from_numpy(noise)).numpy().astype(np.float64)
+        exact = copy.deepcopy(module).double()(torch.from_numpy(obs).double(), torch.from_numpy(noise).double()).numpy()
+    torch_error = float(np.abs(ref32 - exact).max())
+    limit = tol + 2 * torch_error
+    diff = np.abs(ours - exact)
+    return {"passed": float(diff.max()) <= limit, "max_abs_diff": float(diff.max()),
+            "mean_abs_diff": float(diff.mean()), "tolerance": limit, "base_tolerance": tol,
+            "torch_float32_error": torch_error, "onnx_vs_torch_float32_max_abs_diff": float(np.abs(ours - ref32).max()),
+            "samples": n}
 
 
 def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportReport:
@@ -202,6 +240,7 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
         sampler, losses = distill(
             teacher, torch.from_numpy(states), opts.student_steps, opts.student_hidden, opts.student_layers,
             opts.student_activation, opts.distill_iterations, opts.distill_batch, seed=opts.seed, progress=opts.progress,
+            method=opts.distill_method,
         )
         report.distill_seconds = round(time.perf_counter() - t0, 1)
         report.distill_final_loss = float(np.mean(losses[-100:]))
@@ -221,17 +260,12 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
     report.gates["graph"]["onnxruntime_loads"] = True
 
     report.gates["parity"] = check_parity(session, exported, states, noise_shape, opts.parity_samples, opts.parity_tol, rng)
-    if opts.teacher is False:
-        # The torch student against the torch teacher on the same noise (informative, no gate).
-        teacher_parity = check_parity(session, ActuatorPolicy(TeacherSampler(teacher), spec.action_low, spec.action_high),
-                                      states, noise_shape, opts.parity_samples, float("inf"), rng)
-        report.gates["parity"]["student_vs_teacher_mean_abs_diff"] = teacher_parity["mean_abs_diff"]
-        report.gates["parity"]["student_vs_teacher_max_abs_diff"] = teacher_parity["max_abs_diff"]
 
     # Return retention: the ONNX model in actuator units against the torch teacher, same seeds and noise.
     teacher_actuator = ActuatorPolicy(TeacherSampler(teacher), spec.action_low, spec.action_high).eval()
+    observed: list[np.ndarray] = []  # the evaluation episodes' states: held out from distillation
     t_returns = rollout(torch_policy_fn(teacher_actuator, noise_shape, np.random.default_rng(7)),
-                        spec.task, spec.action_repeat, opts.eval_episodes, opts.seed + 2000, rescale=False)
+                        spec.task, spec.action_repeat, opts.eval_episodes, opts.seed + 2000, record=observed, rescale=False)
     s_returns = rollout(onnx_policy_fn(session, noise_shape, np.random.default_rng(7)),
                         spec.task, spec.action_repeat, opts.eval_episodes, opts.seed + 2000, rescale=False)
     t_mean, s_mean = float(np.mean(t_returns)), float(np.mean(s_returns))
@@ -241,6 +275,15 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
     report.gates["retention"] = {"passed": ok, "retention": retention, "min_retention": opts.min_retention,
                                  "teacher_returns": t_returns, "onnx_returns": s_returns}
 
+    # Distribution: the exported model's action distribution against the teacher's, state by state.
+    held_out = np.concatenate(observed)
+    held_out = held_out[rng.choice(len(held_out), min(opts.fidelity_states, len(held_out)), replace=False)]
+    if not opts.teacher:
+        report.gates["distribution"] = fidelity.measure(
+            sampler_fn(teacher_actuator, noise_shape), onnx_sampler_fn(session, noise_shape), held_out,
+            spec.action_low, spec.action_high, opts.fidelity_samples, opts.seed, opts.fidelity)
+        report.gates["distribution"]["enforced"] = opts.enforce_distribution
+
     lat = latency_us(session, spec.obs_dim, noise_shape, opts.latency_calls)
     report.gates["latency"] = {"passed": True, "calls": opts.latency_calls, "threads": 1,
                                **{f"p{q}_us": round(float(np.percentile(lat, q)), 1) for q in (50, 99, 99.9)}}
@@ -249,7 +292,7 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
                              for k, v in report.gates.items()}
     set_contract(model, contract)
     if not report.passed and not opts.force:
-        failed = [k for k, g in report.gates.items() if not g["passed"]]
+        failed = [k for k, g in report.gates.items() if not g["passed"] and g.get("enforced", True)]
         raise ExportError(f"gate(s) failed: {', '.join(failed)}; nothing written to {out} (see figures above, or --force)")
 
     def save_and_load(tmp: Path) -> None:
@@ -257,7 +300,7 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
         make_session(tmp)  # what was written loads
 
     atomic_write(out, save_and_load)
-    write_report(report, out, exported, teacher_actuator, states, noise_shape, rng)
+    write_report(report, out, exported, teacher_actuator, held_out, noise_shape, rng)
     return report
 
 
@@ -269,24 +312,30 @@ def write_report(report: ExportReport, out: Path, student, teacher, states: np.n
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    picks = states[rng.choice(len(states), 4, replace=False)]
+    dist = report.gates.get("distribution")
+    order = list(rng.choice(len(states), min(4, len(states)), replace=False))
+    if dist is not None and dist["worst_state"] not in order:
+        order[-1] = dist["worst_state"]  # always show the worst state
+    picks = states[order]
     act_dim = noise_shape[1]
     dims = list(range(min(act_dim, 3)))
-    fig, axes = plt.subplots(len(dims), 4, figsize=(12, 2.6 * len(dims)), dpi=90, squeeze=False)
-    for j, s in enumerate(picks):
+    fig, axes = plt.subplots(len(dims), len(picks), figsize=(3 * len(picks), 2.6 * len(dims)), dpi=90, squeeze=False)
+    for j, (k, s) in enumerate(zip(order, picks)):
         obs = np.repeat(s[None], 2000, 0)
-        noise = rng.standard_normal((2000, *noise_shape), dtype=np.float32)
-        with torch.no_grad():
-            a_t = teacher(torch.from_numpy(obs), torch.from_numpy(noise)).numpy()
-            a_s = student(torch.from_numpy(obs), torch.from_numpy(noise)).numpy()
+        with torch.no_grad():  # independent draws: the distributions, not a shared-noise pairing
+            a_t = teacher(torch.from_numpy(obs), torch.from_numpy(rng.standard_normal((2000, *noise_shape), dtype=np.float32))).numpy()
+            a_s = student(torch.from_numpy(obs), torch.from_numpy(rng.standard_normal((2000, *noise_shape), dtype=np.float32))).numpy()
         for i in dims:
             ax = axes[i][j]
             bins = np.linspace(min(a_t[:, i].min(), a_s[:, i].min()), max(a_t[:, i].max(), a_s[:, i].max()) + 1e-6, 40)
             ax.hist(a_t[:, i], bins=bins, alpha=0.5, label="teacher (torch, T steps)")
             ax.hist(a_s[:, i], bins=bins, alpha=0.5, label=f"exported ({report.sampler}, {report.sampler_steps} steps)")
-            ax.set_title(f"state {j}, action {i}", fontsize=9)
+            extra = ""
+            if dist is not None:
+                extra = f"\nW1/range {dist['per_state_w1'][k]:.3f}, off-support {dist['per_state_off_support'][k]:.0%}"
+            ax.set_title(f"held-out state {k}, action {i}{extra}", fontsize=8)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("action distributions at 4 states, 2000 noise draws each (actuator units)")
+    fig.suptitle("action distributions at held-out states, 2000 independent draws each (actuator units)")
     fig.tight_layout()
     atomic_write(out.with_suffix(".actions.png"), fig.savefig)
     plt.close(fig)

@@ -85,13 +85,36 @@ class ActuatorPolicy(nn.Module):
         return torch.minimum(torch.maximum(action, self.low), self.high)
 
 
-def bounded_regression_loss(raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error to a target in [-1, 1]; where the target sits on a bound (the teacher's
-    clip saturated), any raw output at or past that bound counts as exact."""
+def bounded_regression_loss(raw: torch.Tensor, target: torch.Tensor, power: float = 2.0) -> torch.Tensor:
+    """|error|^power to a target in [-1, 1]; where the target sits on a bound (the teacher's
+    clip saturated), any raw output at or past that bound counts as exact. power 2 (squared
+    error) averages across a jump of the teacher's noise-to-action map; power 1 (absolute error)
+    takes one side of it (a median), which keeps the jump sharp."""
     err = raw - target
     err = torch.where(target >= 1.0, err.clamp(max=0.0), err)
     err = torch.where(target <= -1.0, err.clamp(min=0.0), err)
-    return (err**2).mean()
+    return (err.abs() ** power).mean()
+
+
+def energy_score_loss(student_samples: torch.Tensor, teacher_samples: torch.Tensor) -> torch.Tensor:
+    """The energy score of the student's samples against the teacher's, per state, averaged:
+    E||X - Y|| - 1/2 E||X - X'|| with X, X' student and Y teacher samples ([S, m, act_dim] each).
+
+    A strictly proper scoring rule (Gneiting & Raftery 2007): its expectation is smallest exactly
+    when the student's distribution at each state is the teacher's, so the student learns the
+    distribution (its modes included), not the mean of shared-noise targets (Shen & Meinshausen
+    2023, "engression", train generative maps this way).
+    """
+    m = student_samples.shape[1]
+    cross = torch.cdist(student_samples, teacher_samples).mean(dim=(1, 2))
+    self_pairs = torch.cdist(student_samples, student_samples).sum(dim=(1, 2)) / (m * (m - 1))
+    return (cross - 0.5 * self_pairs).mean()
+
+
+METHODS = ("regression", "l1", "energy")
+"""Distillation objectives: ``regression`` (shared noise, squared error), ``l1`` (shared noise,
+absolute error) or ``energy`` (the energy score on independent draws: the student learns the
+distribution, not the teacher's noise-to-action pairing)."""
 
 
 def distill(
@@ -106,8 +129,15 @@ def distill(
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
+    method: str = "regression",
+    draws: int = 16,
 ) -> tuple[StudentPolicy, list[float]]:
-    """Train a K-step student on ``states`` [N, obs_dim]; returns it and the loss curve."""
+    """Train a K-step student on ``states`` [N, obs_dim]; returns it and the loss curve.
+
+    ``method``: one of :data:`METHODS`; ``draws``: samples per state for the energy score (the
+    batch is then batch_size // draws states x draws samples)."""
+    if method not in METHODS:
+        raise ValueError(f"distillation method must be one of {', '.join(METHODS)}, got {method!r}")
     spec = teacher.spec
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -116,13 +146,24 @@ def distill(
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / iterations)))
     losses = []
     bar = tqdm(range(iterations), desc="distilling", unit="it", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
-        idx = torch.randint(0, states.shape[0], (batch_size,), generator=gen)
-        obs = states[idx]
-        noise = torch.randn(batch_size, spec.diffusion_steps, spec.act_dim, generator=gen)
-        with torch.no_grad():
-            target = teacher.sample(obs, noise)
-        loss = bounded_regression_loss(student.raw(obs, noise), target)
+    warm = 0 if method == "energy" else iterations
+    for i in bar:
+        if i < warm:
+            idx = torch.randint(0, states.shape[0], (batch_size,), generator=gen)
+            obs = states[idx]
+            noise = torch.randn(batch_size, spec.diffusion_steps, spec.act_dim, generator=gen)
+            with torch.no_grad():
+                target = teacher.sample(obs, noise)
+            loss = bounded_regression_loss(student.raw(obs, noise), target, 1.0 if method == "l1" else 2.0)
+        else:
+            n_states = max(1, batch_size // draws)
+            idx = torch.randint(0, states.shape[0], (n_states,), generator=gen)
+            obs = states[idx].repeat_interleave(draws, 0)
+            shape = (n_states * draws, spec.diffusion_steps, spec.act_dim)
+            with torch.no_grad():  # independent noise: the teacher's draws are not paired with the student's
+                target = teacher.sample(obs, torch.randn(shape, generator=gen))
+            out = student(obs, torch.randn(shape, generator=gen))
+            loss = energy_score_loss(out.view(n_states, draws, -1), target.view(n_states, draws, -1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

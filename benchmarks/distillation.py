@@ -1,0 +1,68 @@
+"""Distillation benchmark: each student objective through the whole of qsm-export, side by side.
+
+    python -m benchmarks.distillation RUN_DIR [RUN_DIR ...] [--methods regression l1 energy]
+                                      [--iterations 3000] [--student-steps 1]
+
+For every run and method it exports a K-step student with ``--force`` (so that every gate is
+measured even when one fails) and tabulates the export report: the distribution gate (W1 / range
+mean and worst state against the teacher-vs-itself floor, off-support share), return retention,
+batch-1 latency (p50 / p99) and distillation time. The models go to
+benchmarks/results/distillation-<time>/ with their reports and action plots; the table to
+distillation.csv there.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:  # python benchmarks/distillation.py: the repo root on sys.path
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import time
+from pathlib import Path
+
+from benchmarks.common import print_table, write_csv
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qsm_robot.export.exporter import ExportOptions, export_policy
+    from qsm_robot.export.student import METHODS
+    from qsm_robot.qsm.policy import load_policy
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path, help="qsm-train run directories (or checkpoints)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--iterations", type=int, default=3000)
+    p.add_argument("--student-steps", type=int, default=1)
+    a = p.parse_args(argv)
+    work = OUT / f"distillation-{time.strftime('%Y%m%d-%H%M%S')}"
+    rows = []
+    for run in a.runs:
+        task = load_policy(run).spec.task
+        for method in a.methods:
+            out = work / f"{task}-{method}-k{a.student_steps}.onnx"
+            r = export_policy(run, ExportOptions(out=out, force=True, distill_method=method, progress=False,
+                                                 distill_iterations=a.iterations, student_steps=a.student_steps),
+                              log=lambda m: None)
+            d, lat = r.gates["distribution"], r.gates["latency"]
+            rows.append({
+                "task": task, "run": str(run), "method": method, "K": a.student_steps, "iterations": a.iterations,
+                "w1_mean": round(d["w1_mean"], 3), "floor_w1_mean": round(d["floor_w1_mean"], 3),
+                "w1_worst": round(d["w1_worst"], 3), "off_support_pct": round(100 * d["off_support_mean"], 1),
+                "gate": "pass" if d["passed"] else "fail",
+                "retention_pct": None if r.gates["retention"]["retention"] is None
+                else round(100 * r.gates["retention"]["retention"], 1),
+                "p50_us": lat["p50_us"], "p99_us": lat["p99_us"], "distill_s": r.distill_seconds,
+            })
+            print(f"{task} {method}: W1 {d['w1_mean']:.3f} off-support {100 * d['off_support_mean']:.1f}%", flush=True)
+    print_table(rows, [c for c in rows[0] if c != "run"])
+    write_csv(work / "distillation.csv", rows)
+    print(f"wrote {work}/distillation.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

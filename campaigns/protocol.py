@@ -135,6 +135,28 @@ def counters(core) -> dict:
                                        "resyncs", "safe_stops", "malformed", "wrong_version", "errors")}
 
 
+def result(case: str, problems: list[str], measured: str, c: dict) -> dict:
+    """One row of the table: the case, pass/fail, the figures, the node's counters."""
+    return {"case": case, "passed": not problems, "measured": measured, "problems": "; ".join(problems),
+            **{f"node_{k}": v for k, v in c.items()}}
+
+
+def against_forger(s: Setup, make_frame, rate_hz: float, steps: int) -> tuple[RobotReport, Counting, int]:
+    """A robot run while another local process publishes ``make_frame(k)`` at ``rate_hz``;
+    (its report, the robot, the monotonic time the forger started)."""
+    stop = threading.Event()
+    f = threading.Thread(target=forger, args=(s.profile.endpoints.state, make_frame, rate_hz, stop), daemon=True)
+    s.robot(20)  # the robot's stream is up before the forger starts
+    t0 = time.monotonic_ns()
+    f.start()
+    try:
+        r, robot = s.robot(steps)
+    finally:
+        stop.set()
+        f.join()
+    return r, robot, t0
+
+
 def case_restart_at_once(model: Path, rate_hz: float, work: Path, steps: int = 300) -> dict:
     s = Setup(model, rate_hz, work)
     try:
@@ -153,10 +175,9 @@ def case_restart_at_once(model: Path, rate_hz: float, work: Path, steps: int = 3
         problems.append(f"restarts {c['restarts']} (2 robot starts)")
     if b.commands_applied < 0.95 * after:
         problems.append(f"robot B applied {b.commands_applied} commands in {after} ticks after its first answer")
-    return {"case": "restart, publishing at once", "passed": not problems,
-            "measured": f"B: restart flag on {b.restart_flagged} state(s), then {b.commands_applied}/{b.steps} ticks "
-                        f"with a command ({100 * applied:.1f}% fresh); restarts {c['restarts']}, resyncs {c['resyncs']}",
-            "problems": "; ".join(problems), **{f"node_{k}": v for k, v in c.items()}}
+    return result("restart, publishing at once", problems,
+                  f"B: restart flag on {b.restart_flagged} state(s), then {b.commands_applied}/{b.steps} ticks "
+                        f"with a command ({100 * applied:.1f}% fresh); restarts {c['restarts']}, resyncs {c['resyncs']}", c)
 
 
 def case_seq_past_2_32(model: Path, rate_hz: float, work: Path, steps: int = 300) -> dict:
@@ -172,10 +193,9 @@ def case_seq_past_2_32(model: Path, rate_hz: float, work: Path, steps: int = 300
         problems.append(f"{r.commands_applied}/{r.steps} ticks with a command")
     if last is None or last < 2**32:
         problems.append(f"the node's last seq {last} did not pass 2^32")
-    return {"case": "seqs past 2^32", "passed": not problems,
-            "measured": f"seqs {2**32 - 100}..{2**32 - 101 + r.steps}: {r.commands_applied}/{r.steps} ticks with a "
-                        f"command answering their own state, {r.commands_late} late",
-            "problems": "; ".join(problems), **{f"node_{k}": v for k, v in c.items()}}
+    return result("seqs past 2^32", problems,
+                  f"seqs {2**32 - 100}..{2**32 - 101 + r.steps}: {r.commands_applied}/{r.steps} ticks with a "
+                        f"command answering their own state, {r.commands_late} late", c)
 
 
 def case_first_arm(model: Path, rate_hz: float, work: Path, steps: int = 300) -> dict:
@@ -198,11 +218,10 @@ def case_first_arm(model: Path, rate_hz: float, work: Path, steps: int = 300) ->
         problems.append(f"{r.states_sent} sent, {accounted} accounted for")
     if not policy:
         problems.append("no policy command reached the robot after the ARM")
-    return {"case": "states around the first ARM", "passed": not problems,
-            "measured": f"{r.states_sent} sent = {c['ticks']} answered + {c['superseded']} superseded + {c['seq_gaps']} "
+    return result("states around the first ARM", problems,
+                  f"{r.states_sent} sent = {c['ticks']} answered + {c['superseded']} superseded + {c['seq_gaps']} "
                         f"gaps + {c['replayed']} replayed + {c['clock_jumps']} clock jumps; {policy} policy commands "
-                        f"applied after ARM",
-            "problems": "; ".join(problems), **{f"node_{k}": v for k, v in c.items()}}
+                        f"applied after ARM", c)
 
 
 def case_late_then_on_time(model: Path, rate_hz: float, work: Path, steps: int = 300) -> dict:
@@ -223,28 +242,20 @@ def case_late_then_on_time(model: Path, rate_hz: float, work: Path, steps: int =
         problems.append(f"{r.commands_late} late ticks for {late_sent} states sent late")
     if c["superseded"]:
         problems.append(f"{c['superseded']} states superseded")
-    return {"case": "a late state, then an on-time one", "passed": not problems,
-            "measured": f"{late_sent} late/on-time pairs: fresh commands on {100 * fresh:.1f}% of the on-time "
-                        f"states' ticks, {r.commands_late} late ticks ({late_sent} sent late), {c['superseded']} superseded",
-            "problems": "; ".join(problems), **{f"node_{k}": v for k, v in c.items()}}
+    return result("a late state, then an on-time one", problems,
+                  f"{late_sent} late/on-time pairs: fresh commands on {100 * fresh:.1f}% of the on-time "
+                        f"states' ticks, {r.commands_late} late ticks ({late_sent} sent late), {c['superseded']} superseded", c)
 
 
 def case_forged_restarts(model: Path, rate_hz: float, work: Path, steps: int = 300) -> dict:
     s = Setup(model, rate_hz, work)
-    stop = threading.Event()
     obs = np.zeros(s.profile.obs_dim, np.float32)
-    f = threading.Thread(target=forger, args=(s.profile.endpoints.state, lambda k: P.encode(
-        P.MsgType.STATE, 0, obs, flags=int(P.StateFlag.RESTART)), 10 * rate_hz, stop), daemon=True)
     try:
-        s.robot(20)
-        f.start()
-        r, robot = s.robot(steps)
-        stop.set()
-        f.join()
+        r, robot, _ = against_forger(s, lambda k: P.encode(P.MsgType.STATE, 0, obs, flags=int(P.StateFlag.RESTART)),
+                                     10 * rate_hz, steps)
         c = counters(s.node.core)
         state = s.node.core.state.name
     finally:
-        stop.set()
         s.close()
     fresh = (r.commands_applied - r.commands_one_tick_late) / max(1, r.steps)
     low, high = np.array(s.profile.action_low), np.array(s.profile.action_high)
@@ -256,31 +267,21 @@ def case_forged_restarts(model: Path, rate_hz: float, work: Path, steps: int = 3
         problems.append(f"restarts {c['restarts']}: the forgeries are not counted")
     if state == "FAULT" or c["errors"]:
         problems.append(f"node {state}, {c['errors']} internal errors")
-    return {"case": "forged restart flags (10x rate)", "passed": not problems,
-            "measured": f"robot fresh on {100 * fresh:.1f}% of its ticks (availability cost, documented); restarts "
-                        f"{c['restarts']}, superseded {c['superseded']}, node {state}",
-            "problems": "; ".join(problems), **{f"node_{k}": v for k, v in c.items()}}
+    return result("forged restart flags (10x rate)", problems,
+                  f"robot fresh on {100 * fresh:.1f}% of its ticks (availability cost, documented); restarts "
+                        f"{c['restarts']}, superseded {c['superseded']}, node {state}", c)
 
 
 def case_forged_seq(model: Path, rate_hz: float, work: Path, steps: int = 300) -> dict:
     s = Setup(model, rate_hz, work)
-    stop = threading.Event()
     obs = np.zeros(s.profile.obs_dim, np.float32)
-    f = threading.Thread(target=forger, args=(s.profile.endpoints.state, lambda k: P.encode(
-        P.MsgType.STATE, 2**63 + k, obs), rate_hz, stop), daemon=True)
     bound = s.profile.resync_threshold + 2
     try:
-        s.robot(20)
-        t0 = time.monotonic_ns()
-        f.start()
-        r, robot = s.robot(steps)
-        stop.set()
-        f.join()
+        r, robot, t0 = against_forger(s, lambda k: P.encode(P.MsgType.STATE, 2**63 + k, obs), rate_hz, steps)
         c = counters(s.node.core)
         state = s.node.core.state.name
         rows = s.node.core.recorder.data
     finally:
-        stop.set()
         s.close()
     stopped = rows[(rows["t_recv_ns"] >= t0) & (rows["node_state"] == int(P.NodeState.SAFE_STOP))]
     robot_before = None
@@ -294,10 +295,9 @@ def case_forged_seq(model: Path, rate_hz: float, work: Path, steps: int = 300) -
         problems.append(f"{robot_before} robot states answered before the safe-stop (bound {bound})")
     if state not in ("SAFE_STOP",):
         problems.append(f"node {state} at the end (SAFE_STOP expected until an ARM)")
-    return {"case": "forged seq 2^63 stream", "passed": not problems,
-            "measured": f"safe-stop after {robot_before} robot states (bound {bound}); replayed {c['replayed']}, "
-                        f"resyncs {c['resyncs']}, node {state}",
-            "problems": "; ".join(problems), **{f"node_{k}": v for k, v in c.items()}}
+    return result("forged seq 2^63 stream", problems,
+                  f"safe-stop after {robot_before} robot states (bound {bound}); replayed {c['replayed']}, "
+                        f"resyncs {c['resyncs']}, node {state}", c)
 
 
 CASES = (case_restart_at_once, case_seq_past_2_32, case_first_arm, case_late_then_on_time, case_forged_restarts,

@@ -177,7 +177,7 @@ def case_restart_at_once(model: Path, rate_hz: float, work: Path, steps: int = 3
         problems.append(f"robot B applied {b.commands_applied} commands in {after} ticks after its first answer")
     return result("restart, publishing at once", problems,
                   f"B: restart flag on {b.restart_flagged} state(s), then {b.commands_applied}/{b.steps} ticks "
-                        f"with a command ({100 * applied:.1f}% fresh); restarts {c['restarts']}, resyncs {c['resyncs']}", c)
+                  f"with a command ({100 * applied:.1f}% fresh); restarts {c['restarts']}, resyncs {c['resyncs']}", c)
 
 
 def case_seq_past_2_32(model: Path, rate_hz: float, work: Path, steps: int = 300) -> dict:
@@ -195,7 +195,7 @@ def case_seq_past_2_32(model: Path, rate_hz: float, work: Path, steps: int = 300
         problems.append(f"the node's last seq {last} did not pass 2^32")
     return result("seqs past 2^32", problems,
                   f"seqs {2**32 - 100}..{2**32 - 101 + r.steps}: {r.commands_applied}/{r.steps} ticks with a "
-                        f"command answering their own state, {r.commands_late} late", c)
+                  f"command answering their own state, {r.commands_late} late", c)
 
 
 def case_first_arm(model: Path, rate_hz: float, work: Path, steps: int = 300) -> dict:
@@ -220,8 +220,8 @@ def case_first_arm(model: Path, rate_hz: float, work: Path, steps: int = 300) ->
         problems.append("no policy command reached the robot after the ARM")
     return result("states around the first ARM", problems,
                   f"{r.states_sent} sent = {c['ticks']} answered + {c['superseded']} superseded + {c['seq_gaps']} "
-                        f"gaps + {c['replayed']} replayed + {c['clock_jumps']} clock jumps; {policy} policy commands "
-                        f"applied after ARM", c)
+                  f"gaps + {c['replayed']} replayed + {c['clock_jumps']} clock jumps; {policy} policy commands "
+                  f"applied after ARM", c)
 
 
 def case_late_then_on_time(model: Path, rate_hz: float, work: Path, steps: int = 300) -> dict:
@@ -244,7 +244,7 @@ def case_late_then_on_time(model: Path, rate_hz: float, work: Path, steps: int =
         problems.append(f"{c['superseded']} states superseded")
     return result("a late state, then an on-time one", problems,
                   f"{late_sent} late/on-time pairs: fresh commands on {100 * fresh:.1f}% of the on-time "
-                        f"states' ticks, {r.commands_late} late ticks ({late_sent} sent late), {c['superseded']} superseded", c)
+                  f"states' ticks, {r.commands_late} late ticks ({late_sent} sent late), {c['superseded']} superseded", c)
 
 
 def case_forged_restarts(model: Path, rate_hz: float, work: Path, steps: int = 300) -> dict:
@@ -269,7 +269,7 @@ def case_forged_restarts(model: Path, rate_hz: float, work: Path, steps: int = 3
         problems.append(f"node {state}, {c['errors']} internal errors")
     return result("forged restart flags (10x rate)", problems,
                   f"robot fresh on {100 * fresh:.1f}% of its ticks (availability cost, documented); restarts "
-                        f"{c['restarts']}, superseded {c['superseded']}, node {state}", c)
+                  f"{c['restarts']}, superseded {c['superseded']}, node {state}", c)
 
 
 def case_forged_seq(model: Path, rate_hz: float, work: Path, steps: int = 300) -> dict:
@@ -297,7 +297,7 @@ def case_forged_seq(model: Path, rate_hz: float, work: Path, steps: int = 300) -
         problems.append(f"node {state} at the end (SAFE_STOP expected until an ARM)")
     return result("forged seq 2^63 stream", problems,
                   f"safe-stop after {robot_before} robot states (bound {bound}); replayed {c['replayed']}, "
-                        f"resyncs {c['resyncs']}, node {state}", c)
+                  f"resyncs {c['resyncs']}, node {state}", c)
 
 
 CASES = (case_restart_at_once, case_seq_past_2_32, case_first_arm, case_late_then_on_time, case_forged_restarts,

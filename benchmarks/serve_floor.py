@@ -40,11 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import print_table, write_csv
+from campaigns.harness import REPO, SERVE, SIM
+from campaigns.harness import RESULTS as OUT
 
-REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "benchmarks" / "results"
-SERVE = [sys.executable, "-m", "qsm_robot.cli.serve"]
-SIM = [sys.executable, "-m", "qsm_robot.robot.node"]
 STATS = ("p50", "p99", "p99.9", "max")
 RT_ON = {"realtime": {"cpu_affinity": [1], "sched_fifo_priority": 50, "mlockall": True}, "spin_us": 200.0,
          "robot": {"realtime": {"cpu_affinity": [0], "mlockall": True}}}

@@ -68,6 +68,36 @@ def update_gemms(B: int, H: int, obs: int, act: int, T: int, time_dim: int, devi
     return [(torch.randn(m, k, device=device), torch.randn(k, n, device=device)) for m, k, n in shapes]
 
 
+def loop_throughput(task: str, preset: str, steps: int, threads: int) -> dict:
+    """Frames per second of the whole training loop of ``preset`` (random steps first, then act,
+    env step, store, update; an evaluation every third of the run and at the end), and the share
+    of the wall time that evaluation took."""
+    import tempfile
+
+    from qsm_robot.train.loop import Trainer, prepare_run_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = preset_config(preset, task=task, steps=steps, learning_starts=steps // 6, eval_every=steps // 3,
+                            checkpoint_every=10**9, threads=threads, run_dir=f"{tmp}/run")
+        trainer = Trainer(cfg, prepare_run_dir(cfg))
+        evaluate, eval_s = trainer.evaluate, []
+
+        def timed_evaluate() -> float:
+            t = time.perf_counter()
+            out = evaluate()
+            eval_s.append(time.perf_counter() - t)
+            return out
+
+        trainer.evaluate = timed_evaluate
+        result = trainer.run()
+    frames = result.step * cfg.action_repeat
+    return {"loop": f"{preset} preset, {task}", "policy_steps": result.step, "frames": frames,
+            "wall_s": round(result.wall_s, 1), "frames_per_s": round(frames / result.wall_s, 1),
+            "updates_per_s": round(result.updates_per_s, 1), "evaluations": len(eval_s),
+            "eval_share": round(sum(eval_s) / result.wall_s, 3),
+            "eval_episodes": cfg.eval_episodes}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="cartpole-swingup")
@@ -77,6 +107,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--updates", type=int, default=200, help="updates per timed block")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--loop-preset", default="strong",
+                   help="also time the whole training loop (act, step, store, update, evaluate) of this preset")
+    p.add_argument("--loop-steps", type=int, default=3000, help="policy steps of that loop run (0: skip it)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     info = env_info(make_env(args.task, seed=0))
@@ -111,6 +144,9 @@ def main() -> None:
         })
 
     print_table(rows)
+    if args.loop_steps:
+        print()
+        print_table([loop_throughput(args.task, args.loop_preset, args.loop_steps, args.threads)])
     stem = OUT / f"throughput_{args.task}_h{args.hidden_dim}_{time.strftime('%Y%m%d-%H%M%S')}"
     write_csv(stem.with_suffix(".csv"), rows)
 

@@ -381,14 +381,14 @@ def test_a_forged_sequence_number_costs_a_resync_and_a_safe_stop_not_the_stream(
     now = time.monotonic_ns()
     core.answer(state_frame(1, np.zeros(5), t_ns=now), now)
     core.answer(state_frame(2**63, np.zeros(5)), time.monotonic_ns())  # forged: every real seq is now "old"
-    n = core.profile.resync_threshold
-    for seq in range(2, 2 + n):
+    n = core.profile.resync_threshold  # the first rejected state starts the run that counts: n more re-sync
+    for seq in range(2, 3 + n):
         core.answer(state_frame(seq, np.zeros(5)), time.monotonic_ns())
-    assert core.counters.replayed == n and core.state == P.NodeState.RUNNING
-    core.answer(state_frame(2 + n, np.zeros(5)), time.monotonic_ns())
+    assert core.counters.replayed == n + 1 and core.state == P.NodeState.RUNNING
+    core.answer(state_frame(3 + n, np.zeros(5)), time.monotonic_ns())
     assert core.counters.resyncs == 1 and core.state == P.NodeState.SAFE_STOP
     arm(core)
-    core.answer(state_frame(3 + n, np.zeros(5)), time.monotonic_ns())
+    core.answer(state_frame(4 + n, np.zeros(5)), time.monotonic_ns())
     assert core.state == P.NodeState.RUNNING and core.recorder.data[-1]["flags"] & int(P.TickFlag.STATE_INVALID | P.TickFlag.FALLBACK | P.TickFlag.STALE) == 0
 
 
@@ -499,13 +499,25 @@ def test_resync_and_stale_safe_stop_are_separate_knobs(tmp_path, model_path, res
     try:
         arm(c)
         c.answer(state_frame(10**6, np.zeros(5)), time.monotonic_ns())
-        for seq in range(1, expected + 1):
-            assert c.answer(state_frame(seq, np.zeros(5)), time.monotonic_ns()) is None  # rejected: seq went back
+        for seq in range(1, expected + 2):  # rejected: seq went back (the first starts the run that counts)
+            assert c.answer(state_frame(seq, np.zeros(5)), time.monotonic_ns()) is None
         assert c.counters.resyncs == 0
-        assert c.answer(state_frame(expected + 1, np.zeros(5)), time.monotonic_ns()) is not None
+        assert c.answer(state_frame(expected + 2, np.zeros(5)), time.monotonic_ns()) is not None
         assert c.counters.resyncs == 1 and c.state == P.NodeState.SAFE_STOP
     finally:
         c.runner.close()
+
+
+def test_replayed_frames_out_of_order_never_force_a_resync(core):
+    """Old frames replayed in random order interleaved with the robot's stream are dropped and
+    counted, but they are not a locked-out stream: no re-sync, no safe-stop (however many)."""
+    arm(core)
+    rng = np.random.default_rng(0)
+    for seq in range(1, 200):
+        core.answer(state_frame(seq, np.zeros(5)), time.monotonic_ns())
+        if seq > 20:
+            core.answer(state_frame(int(rng.integers(1, seq - 5)), np.zeros(5)), time.monotonic_ns())
+    assert core.counters.replayed == 179 and core.counters.resyncs == 0 and core.state == P.NodeState.RUNNING
 
 
 def test_a_profile_without_the_resync_key_keeps_its_calibration_fingerprint(tmp_path):

@@ -148,8 +148,10 @@ class NodeCore:
         self._consecutive_misses = self._consecutive_stale = 0
         self._window: deque[bool] = deque(maxlen=2 * profile.resync_threshold)
         """For the last 2 x resync_after_rejected state frames read: whether each was rejected for its
-        seq or clock. A stream that keeps being rejected (a restart without its flag), or one
-        interleaved with a forged stream that keeps being taken, fills half of it."""
+        seq or clock *and* continued the previous rejected frame's seq by one, i.e. a live stream is
+        being locked out (a robot restarted without its flag, or one whose reference a forged
+        seq moved ahead). Replays and reordered frames, whose seqs do not run on, never count."""
+        self._last_rejected_seq: int | None = None
         self._restarting = False  # the last state taken carried the restart flag
         self.pending: Admitted | None = None
         """The newest admitted state, until it is due (``take_due``)."""
@@ -286,7 +288,7 @@ class NodeCore:
         # restarted without its flag, a forged seq or clock, another stream interleaved with the
         # robot's): take this state as the new reference, and safe-stop, so that acting on the new
         # stream needs an operator's ARM.
-        rejected = sum(self._window)
+        rejected = sum(self._window)  # rejected frames of a live stream among the last 2N read
         resync = not restart and rejected >= self.profile.resync_threshold
         if resync:
             self.counters.resyncs += 1
@@ -295,7 +297,7 @@ class NodeCore:
                                      "ARM to continue")
         if self.last_state_seq is not None and msg.seq <= self.last_state_seq and not (resync or restart):
             self.counters.replayed += 1  # old, replayed or out-of-order: never act on it
-            self._window.append(True)
+            self._reject(msg.seq)
             return None
         transit = t_recv - msg.t_ns
         if self.profile.same_clock:
@@ -304,7 +306,7 @@ class NodeCore:
             # forged time: never acted on.
             if transit < -self.stale_ns:
                 self.counters.clock_jumps += 1
-                self._window.append(True)
+                self._reject(msg.seq)
                 self._take_seq(msg.seq, restart, resync, flagged)  # counted once: as a clock jump, not a gap
                 return None
             self._offset_ns = 0
@@ -315,6 +317,12 @@ class NodeCore:
         self._take_seq(msg.seq, restart, resync, flagged)
         self._window.append(False)
         return Admitted(msg, transit - self._offset_ns, t_recv)
+
+    def _reject(self, seq: int) -> None:
+        """A frame rejected for its seq or clock: it counts toward a re-sync if it runs on from the
+        last rejected one (seq + 1), as a locked-out stream does."""
+        self._window.append(self._last_rejected_seq is not None and seq == self._last_rejected_seq + 1)
+        self._last_rejected_seq = seq
 
     def _take_seq(self, seq: int, restart: bool, resync: bool, flagged: bool) -> None:
         """``seq`` becomes the last one taken; the seqs skipped to reach it are counted as gaps."""

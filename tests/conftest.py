@@ -11,7 +11,6 @@ os.environ.setdefault("MUJOCO_GL", "disable")
 
 QSM_TRAIN = [sys.executable, "-m", "qsm_robot.cli.train"]
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "campaigns"))  # the campaign scripts' fast parts run as tests
 
 
 @pytest.fixture

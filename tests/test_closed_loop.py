@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-import harness
+from campaigns import harness
 from conftest import REPO, profile_data
 
 from qsm_robot.cli.export import main as export_main

@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 
-import harness
+from campaigns import harness
 import imageio.v2 as imageio
 import numpy as np
 import pytest

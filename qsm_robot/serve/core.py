@@ -151,6 +151,7 @@ class NodeCore:
         seq or clock *and* continued the previous rejected frame's seq by one, i.e. a live stream is
         being locked out (a robot restarted without its flag, or one whose reference a forged
         seq moved ahead). Replays and reordered frames, whose seqs do not run on, never count."""
+        self._locked_out = 0  # how many True entries _window holds (kept as frames come and go)
         self._last_rejected_seq: int | None = None
         self._restarting = False  # the last state taken carried the restart flag
         self.pending: Admitted | None = None
@@ -288,11 +289,12 @@ class NodeCore:
         # restarted without its flag, a forged seq or clock, another stream interleaved with the
         # robot's): take this state as the new reference, and safe-stop, so that acting on the new
         # stream needs an operator's ARM.
-        rejected = sum(self._window)  # rejected frames of a live stream among the last 2N read
+        rejected = self._locked_out  # rejected frames of a live stream among the last 2N read
         resync = not restart and rejected >= self.profile.resync_threshold
         if resync:
             self.counters.resyncs += 1
             self._window.clear()
+            self._locked_out = 0
             self.event(Event.RESYNC, f"re-synchronised to the state stream after {rejected} rejected states: "
                                      "ARM to continue")
         if self.last_state_seq is not None and msg.seq <= self.last_state_seq and not (resync or restart):
@@ -315,14 +317,21 @@ class NodeCore:
             new_reference = self._offset_ns is None or resync or restart
             self._offset_ns = transit if new_reference else min(self._offset_ns, transit)
         self._take_seq(msg.seq, restart, resync, flagged)
-        self._window.append(False)
+        self._note(False)
         return Admitted(msg, transit - self._offset_ns, t_recv)
 
     def _reject(self, seq: int) -> None:
         """A frame rejected for its seq or clock: it counts toward a re-sync if it runs on from the
         last rejected one (seq + 1), as a locked-out stream does."""
-        self._window.append(self._last_rejected_seq is not None and seq == self._last_rejected_seq + 1)
+        self._note(self._last_rejected_seq is not None and seq == self._last_rejected_seq + 1)
         self._last_rejected_seq = seq
+
+    def _note(self, locked_out: bool) -> None:
+        """One state frame into the re-sync window, keeping its count of locked-out frames."""
+        if len(self._window) == self._window.maxlen and self._window[0]:
+            self._locked_out -= 1
+        self._window.append(locked_out)
+        self._locked_out += locked_out
 
     def _take_seq(self, seq: int, restart: bool, resync: bool, flagged: bool) -> None:
         """``seq`` becomes the last one taken; the seqs skipped to reach it are counted as gaps."""

@@ -1,9 +1,10 @@
 """Distillation benchmark: each student objective through the whole of qsm-export, side by side.
 
-    python -m benchmarks.distillation RUN_DIR [RUN_DIR ...] [--methods regression l1 energy]
-                                      [--iterations 3000] [--student-steps 1]
+    python -m benchmarks.distillation RUN_DIR [RUN_DIR ...] [--candidates stepwise:5 regression:1 ...]
+                                      [--iterations 3000]
 
-For every run and method it exports a K-step student with ``--force`` (so that every gate is
+A candidate is METHOD:K[:WIDTH] (distillation method, student steps, student width; default width
+256). For every run and candidate it exports a student with ``--force`` (so that every gate is
 measured even when one fails) and tabulates the export report: the distribution gate (W1 / range
 mean and worst state against the teacher-vs-itself floor, off-support share), return retention,
 batch-1 latency (p50 / p99) and distillation time. The models go to
@@ -25,6 +26,18 @@ from pathlib import Path
 from benchmarks.common import print_table, write_csv
 
 OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_CANDIDATES = ("stepwise:5", "stepwise:5:128", "stepwise:2", "regression:1", "l1:1", "energy:1")
+
+
+def candidate(text: str) -> tuple[str, int, int]:
+    """METHOD:K[:WIDTH] -> (method, K, width)."""
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        return parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else 256
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a candidate is METHOD:K[:WIDTH], e.g. stepwise:5:128, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,22 +47,26 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="qsm-train run directories (or checkpoints)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--candidates", nargs="+", type=candidate, metavar="METHOD:K[:WIDTH]",
+                   default=[candidate(c) for c in DEFAULT_CANDIDATES])
     p.add_argument("--iterations", type=int, default=3000)
-    p.add_argument("--student-steps", type=int, default=1)
     a = p.parse_args(argv)
+    unknown = sorted({m for m, _, _ in a.candidates} - set(METHODS))
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(METHODS)}")
     work = OUT / f"distillation-{time.strftime('%Y%m%d-%H%M%S')}"
     rows = []
     for run in a.runs:
         task = load_policy(run).spec.task
-        for method in a.methods:
-            out = work / f"{task}-{method}-k{a.student_steps}.onnx"
+        for method, steps, width in a.candidates:
+            out = work / f"{task}-{method}-k{steps}-w{width}.onnx"
             r = export_policy(run, ExportOptions(out=out, force=True, distill_method=method, progress=False,
-                                                 distill_iterations=a.iterations, student_steps=a.student_steps),
+                                                 distill_iterations=a.iterations, student_steps=steps,
+                                                 student_hidden=width),
                               log=lambda m: None)
             d, lat = r.gates["distribution"], r.gates["latency"]
             rows.append({
-                "task": task, "run": str(run), "method": method, "K": a.student_steps, "iterations": a.iterations,
+                "task": task, "run": str(run), "method": method, "K": steps, "width": width, "iterations": a.iterations,
                 "w1_mean": round(d["w1_mean"], 3), "floor_w1_mean": round(d["floor_w1_mean"], 3),
                 "w1_worst": round(d["w1_worst"], 3), "off_support_pct": round(100 * d["off_support_mean"], 1),
                 "gate": "pass" if d["passed"] else "fail",
@@ -57,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 else round(100 * r.gates["retention"]["retention"], 1),
                 "p50_us": lat["p50_us"], "p99_us": lat["p99_us"], "distill_s": r.distill_seconds,
             })
-            print(f"{task} {method}: W1 {d['w1_mean']:.3f} off-support {100 * d['off_support_mean']:.1f}%", flush=True)
+            print(f"{task} {method} K={steps} width {width}: W1 {d['w1_mean']:.3f} off-support {100 * d['off_support_mean']:.1f}%", flush=True)
     print_table(rows, [c for c in rows[0] if c != "run"])
     write_csv(work / "distillation.csv", rows)
     print(f"wrote {work}/distillation.csv")

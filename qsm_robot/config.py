@@ -72,6 +72,9 @@ class TrainConfig:
     # --- QSM ---
     q_grad_scale: float = Q.q_grad_scale
     """M_q: the denoiser is regressed onto -M_q * grad_a Q (larger = greedier)."""
+    q_grad_normalize: bool = Q.q_grad_normalize
+    """Scale-free target: divide grad_a Q by its running RMS (then M_q is in units of that RMS and
+    does not depend on the task's reward scale)."""
     actor_lr: float = Q.actor_lr
     """Denoiser Adam learning rate, cosine-decayed over actor_lr_decay_steps updates."""
     actor_lr_decay_steps: int = Q.actor_lr_decay_steps

@@ -234,7 +234,7 @@ def damage(run_dir, tmp_path, how):
     ("missing", "does not exist"),
     ("corrupt", "cannot read the policy"),
     ("version", "policy format version 3 is not supported"),
-    ("K>=T", "--student-steps must be in 1..4"),
+    ("K>T", "--student-steps must be in 1..5"),
     ("unwritable", "cannot write to"),
     ("suffix", "must name a .onnx file"),
 ])
@@ -244,8 +244,8 @@ def test_bad_input_is_one_clear_line(run_dir, tmp_path, capsys, case, message):
         source = str(tmp_path / "nope")
     elif case in ("corrupt", "version"):
         source = str(damage(run_dir, tmp_path, case))
-    elif case == "K>=T":
-        extra = ["--student-steps", "5"]
+    elif case == "K>T":
+        extra = ["--student-steps", "6"]
     elif case == "unwritable":
         blocker = tmp_path / "file"
         blocker.write_text("")

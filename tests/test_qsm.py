@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from qsm_robot.qsm.learner import QSMConfig, QSMLearner, qsm_actor_loss
+from qsm_robot.qsm.learner import QSMConfig, QSMLearner, RunningRMS, qsm_actor_loss
 from qsm_robot.qsm.networks import Denoiser
 from qsm_robot.qsm.sampler import sample_actions
 from qsm_robot.qsm.schedules import DiffusionSchedule
@@ -63,6 +63,63 @@ def test_actor_loss_target_is_minus_mq_times_the_mean_critic_gradient():
     assert loss.item() == pytest.approx(0.0, abs=1e-10)
     oracle.sign = -1.0
     assert qsm_actor_loss(oracle, critic, schedule, obs, act, mq, torch.Generator().manual_seed(1)).item() > 1.0
+
+
+class ScaledCritics(torch.nn.Module):
+    """TwoKnownCritics times a constant: the same task with rewards ``scale`` times larger."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale, self.inner = scale, TwoKnownCritics()
+
+    def forward(self, obs, act):
+        return self.scale * self.inner(obs, act)
+
+
+def test_running_rms_is_bias_corrected_and_tracks_the_stream():
+    rms = RunningRMS(decay=0.99)
+    assert rms.update(torch.full((8, 2), 3.0)).item() == pytest.approx(3.0)  # no shrink towards 0
+    for _ in range(2000):
+        rms.update(torch.full((8, 2), 0.5))
+    assert rms.value().item() == pytest.approx(0.5, rel=1e-3)
+    copy = RunningRMS(decay=0.99)
+    copy.load_state_dict(rms.state_dict())
+    assert copy.update(torch.ones(3)).item() == rms.update(torch.ones(3)).item()
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_scale_free_target_does_not_depend_on_the_reward_scale(normalize):
+    """Scaling Q by 1000 scales the plain target by 1000; the scale-free target (g / running RMS
+    of g) is the same for both, and its RMS over a batch is M_q."""
+    torch.manual_seed(0)
+    obs, act = torch.randn(256, 3), torch.rand(256, 2) * 2 - 1
+    schedule, mq = DiffusionSchedule("vp", 5), 3.0
+    targets = {}
+
+    class Recorder(torch.nn.Module):
+        def forward(self, obs, a_t, t):
+            return torch.zeros_like(a_t, requires_grad=True)
+
+    for scale in (1.0, 1000.0):
+        loss = qsm_actor_loss(Recorder(), ScaledCritics(scale), schedule, obs, act, mq,
+                              torch.Generator().manual_seed(1), RunningRMS(), normalize)
+        targets[scale] = loss.item()  # mean target^2 (the denoiser outputs 0)
+    if normalize:
+        assert targets[1.0] == pytest.approx(mq ** 2, rel=1e-4)
+        assert targets[1000.0] == pytest.approx(targets[1.0], rel=1e-4)
+    else:
+        assert targets[1000.0] == pytest.approx(1e6 * targets[1.0], rel=1e-4)
+
+
+def test_learner_reports_the_same_gradient_rms_with_either_target():
+    """The first update's critic step is the same in both; so is the RMS of its action-gradient."""
+    torch.manual_seed(0)
+    plain = tiny_learner().update(batch_of())
+    torch.manual_seed(0)  # the same initial networks
+    scaled = tiny_learner(q_grad_normalize=True).update(batch_of())
+    assert plain["q_grad_rms"].item() > 0
+    assert scaled["q_grad_rms"].item() == pytest.approx(plain["q_grad_rms"].item())
+    assert scaled["actor_loss"].item() != pytest.approx(plain["actor_loss"].item())
 
 
 def test_sign_qsm_updates_move_samples_to_the_argmax_of_a_known_concave_q():
@@ -214,7 +271,7 @@ def test_update_moves_targets_by_polyak_and_decays_the_actor_lr():
             assert torch.allclose(t, 0.75 * tb + 0.25 * c, atol=1e-6)
         changed = any(not torch.equal(b, p) for b, p in zip(denoiser_before, learner.denoiser.parameters()))
         assert changed == (learner.num_updates <= 4)  # lr is 0 after the decay
-        assert set(metrics) == {"critic_loss", "actor_loss", "q_mean"}
+        assert set(metrics) == {"critic_loss", "actor_loss", "q_mean", "q_grad_rms"}
         n = min(learner.num_updates, 4)
         assert learner.actor_lr() == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * n / 4)), abs=1e-12)
 

@@ -40,9 +40,11 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path, capsys):
     assert policy.act(torch.zeros(3, 5)).shape == (3, 1)
 
 
-@pytest.mark.parametrize("learner", [[], ["--n-step", "3", "--critic-layer-norm"]], ids=["card", "n-step-layernorm"])
+@pytest.mark.parametrize("learner", [[], ["--n-step", "3", "--critic-layer-norm", "--q-grad-normalize"]],
+                         ids=["card", "n-step-layernorm-scale-free"])
 def test_resume_is_bit_exact(tmp_path, learner):
-    """With 3-step returns the checkpoint mid-episode holds pending starts: they must be restored."""
+    """With 3-step returns the checkpoint mid-episode holds pending starts, and the scale-free
+    target a running RMS: both must be restored."""
     common = SMOKE + ["--checkpoint-every", "250", "--eval-every", "400", "--learning-starts", "150"] + learner
     assert main(common + ["--steps", "700", "--run-dir", str(tmp_path / "a")]) == 0
     assert main(common + ["--steps", "350", "--run-dir", str(tmp_path / "b")]) == 0

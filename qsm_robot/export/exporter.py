@@ -204,8 +204,8 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
         raise ExportError(str(exc)) from None
     spec = teacher.spec
     T = spec.diffusion_steps
-    if not opts.teacher and not 1 <= opts.student_steps < T:
-        raise ExportError(f"--student-steps must be in 1..{T - 1} (the teacher has T={T}); use --teacher for all {T} steps")
+    if not opts.teacher and not 1 <= opts.student_steps <= T:
+        raise ExportError(f"--student-steps must be in 1..{T} (the teacher has T={T}); --teacher exports the teacher's own chain")
     out = Path(opts.out)
     if out.suffix != ".onnx":
         raise ExportError(f"--out must name a .onnx file, got {out}")

@@ -22,6 +22,8 @@ from tqdm import tqdm
 
 from qsm_robot.qsm.networks import Mish
 from qsm_robot.qsm.policy import DiffusionPolicy
+from qsm_robot.qsm.sampler import ddpm_sample
+from qsm_robot.qsm.schedules import DiffusionSchedule
 
 
 # The student's activation is free (it need not be the teacher's Mish): ReLU fuses into the
@@ -33,11 +35,15 @@ class StudentPolicy(nn.Module):
     """K-step student: (obs [B, obs_dim], noise [B, T, act_dim]) -> action in [-1, 1]."""
 
     def __init__(self, obs_dim: int, act_dim: int, teacher_steps: int, steps: int = 1,
-                 hidden_dim: int = 256, num_layers: int = 2, activation: str = "relu"):
+                 hidden_dim: int = 256, num_layers: int = 2, activation: str = "relu", clip_steps: bool = False):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"student activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        if not 1 <= steps <= teacher_steps:
+            raise ValueError(f"student steps must be in 1..{teacher_steps} (the teacher's T), got {steps}")
         self.obs_dim, self.act_dim, self.teacher_steps, self.steps = obs_dim, act_dim, teacher_steps, steps
+        self.clip_steps = clip_steps
+        self.update: tuple[list[float], list[float], list[float]] | None = None
         dims = [act_dim + obs_dim + teacher_steps * act_dim + steps] + [hidden_dim] * num_layers
         layers: list[nn.Module] = []
         for d_in, d_out in zip(dims[:-1], dims[1:]):
@@ -46,14 +52,46 @@ class StudentPolicy(nn.Module):
         self.net = nn.Sequential(*layers)
         self.register_buffer("step_codes", torch.eye(steps))
 
+    def take_teacher_form(self, schedule: DiffusionSchedule, temperature: float) -> "StudentPolicy":
+        """Make each step the teacher's own DDPM update around a smaller network: the MLP then
+        predicts the denoiser's eps (a smooth map), and the update, its noise and its clip are
+        exact. Needs K = T (step k is the teacher's step t = k)."""
+        if self.steps != self.teacher_steps:
+            raise ValueError(f"the teacher's step form needs K = T = {self.teacher_steps}, got K = {self.steps}")
+        self.update = (list(schedule.eps_coef), list(schedule.inv_sqrt_alpha),
+                       [sigma * temperature for sigma in schedule.sigma])
+        return self
+
+    def step(self, a: torch.Tensor, obs: torch.Tensor, flat_noise: torch.Tensor, k: int) -> torch.Tensor:
+        """Student step k (K-1 first, 0 last): a_k -> a_{k-1} (before any clip), seeing all of the
+        chain's noise ([B, T * act_dim])."""
+        out = self.net(torch.cat([a, obs, flat_noise, self.step_codes[k].expand(obs.shape[0], self.steps)], dim=-1))
+        if self.update is None:
+            return out
+        eps_coef, inv_sqrt_alpha, sigma = self.update  # the teacher's update (qsm.sampler.ddpm_sample)
+        a = (a - eps_coef[k] * out) * inv_sqrt_alpha[k]
+        if k > 0:
+            T = self.teacher_steps
+            a = a + sigma[k] * flat_noise[:, (T - k) * self.act_dim:(T - k + 1) * self.act_dim]
+        return a
+
     def raw(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The last step's output before the final clip."""
+        """The last step's output before the final clip (with ``clip_steps``, the ones between
+        steps are clipped to [-1, 1], as the teacher clips its chain)."""
         flat = noise.reshape(noise.shape[0], self.teacher_steps * self.act_dim)
         a = noise[:, 0]
         for k in range(self.steps - 1, -1, -1):
-            code = self.step_codes[k].expand(obs.shape[0], self.steps)
-            a = self.net(torch.cat([a, obs, flat, code], dim=-1))
+            if self.clip_steps and k < self.steps - 1:
+                a = a.clamp(-1.0, 1.0)
+            a = self.step(a, obs, flat, k)
         return a
+
+    def stretches(self) -> list[tuple[int, int, int]]:
+        """(k, start, end) per student step: the stretch of the teacher's chain (indices into
+        ``ddpm_sample(trajectory=True)``, 0 = a_T, T = the action) that step k covers, as even as
+        the division of T by K allows."""
+        bounds = [round(j * self.teacher_steps / self.steps) for j in range(self.steps + 1)]
+        return [(self.steps - 1 - j, bounds[j], bounds[j + 1]) for j in range(self.steps)]
 
     def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return self.raw(obs, noise).clamp(-1.0, 1.0)
@@ -111,10 +149,29 @@ def energy_score_loss(student_samples: torch.Tensor, teacher_samples: torch.Tens
     return (cross - 0.5 * self_pairs).mean()
 
 
-METHODS = ("regression", "l1", "energy")
-"""Distillation objectives: ``regression`` (shared noise, squared error), ``l1`` (shared noise,
+METHODS = ("stepwise", "regression", "l1", "energy")
+"""Distillation objectives: ``stepwise`` (shared noise; each student step regresses onto its
+stretch of the teacher's chain, starting from the teacher's own state there, squared error),
+``regression`` (shared noise, squared error on the final action only), ``l1`` (the same with
 absolute error) or ``energy`` (the energy score on independent draws: the student learns the
-distribution, not the teacher's noise-to-action pairing)."""
+distribution, not the teacher's noise-to-action pairing). With K=1 ``stepwise`` is ``regression``."""
+
+
+def stepwise_loss(student: StudentPolicy, teacher: DiffusionPolicy, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Each student step k from the teacher's chain at the start of its stretch to the teacher's
+    chain at its end (teacher forcing), all K steps in one batched call of the MLP.
+
+    Each stretch of a few teacher steps is a smooth map (one step is the denoiser, then the
+    clip); the whole chain from a_T is not, since its noise picks a mode. Learning the short
+    maps and composing them keeps the modes apart where one jump would average them."""
+    spec = teacher.spec
+    with torch.no_grad():
+        chain = ddpm_sample(teacher.denoiser, teacher.schedule, obs, noise, spec.temperature, spec.clip_sample,
+                            trajectory=True)  # [B, T+1, act]
+    flat = noise.reshape(noise.shape[0], -1)
+    losses = [bounded_regression_loss(student.step(chain[:, start], obs, flat, k), chain[:, end])
+              for k, start, end in student.stretches()]
+    return torch.stack(losses).mean()
 
 
 def distill(
@@ -141,7 +198,10 @@ def distill(
     spec = teacher.spec
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    student = StudentPolicy(spec.obs_dim, spec.act_dim, spec.diffusion_steps, student_steps, hidden_dim, num_layers, activation)
+    student = StudentPolicy(spec.obs_dim, spec.act_dim, spec.diffusion_steps, student_steps, hidden_dim, num_layers,
+                            activation, clip_steps=method == "stepwise" and spec.clip_sample)
+    if method == "stepwise" and student_steps == spec.diffusion_steps:
+        student.take_teacher_form(teacher.schedule, spec.temperature)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / iterations)))
     losses = []
@@ -152,9 +212,12 @@ def distill(
             idx = torch.randint(0, states.shape[0], (batch_size,), generator=gen)
             obs = states[idx]
             noise = torch.randn(batch_size, spec.diffusion_steps, spec.act_dim, generator=gen)
-            with torch.no_grad():
-                target = teacher.sample(obs, noise)
-            loss = bounded_regression_loss(student.raw(obs, noise), target, 1.0 if method == "l1" else 2.0)
+            if method == "stepwise":
+                loss = stepwise_loss(student, teacher, obs, noise)
+            else:
+                with torch.no_grad():
+                    target = teacher.sample(obs, noise)
+                loss = bounded_regression_loss(student.raw(obs, noise), target, 1.0 if method == "l1" else 2.0)
         else:
             n_states = max(1, batch_size // draws)
             idx = torch.randint(0, states.shape[0], (n_states,), generator=gen)

@@ -45,6 +45,9 @@ class QSMConfig:
     # --- updates (card: "Actor loss", "Critic loss") ---
     q_grad_scale: float = 50.0
     """M_q: the denoiser is regressed onto -M_q * grad_a Q."""
+    q_grad_normalize: bool = False
+    """Scale-free target: regress onto -M_q * grad_a Q / rms, with rms a running root-mean-square of
+    grad_a Q over recent updates, so that M_q does not depend on the task's reward scale."""
     actor_lr: float = 3e-4
     """Denoiser Adam learning rate, cosine-decayed to 0 over actor_lr_decay_steps updates."""
     actor_lr_decay_steps: int = 2_000_000

@@ -20,6 +20,36 @@ from qsm_robot.qsm.sampler import sample_actions
 from qsm_robot.qsm.schedules import DiffusionSchedule
 
 
+class RunningRMS:
+    """Root-mean-square of a stream of batches: an exponential moving average of mean(x^2) with
+    Adam's bias correction (so the first batches are not shrunk towards 0). The scale-free QSM
+    target divides grad_a Q by it."""
+
+    def __init__(self, device: torch.device | str = "cpu", decay: float = 0.99):
+        self.decay = decay
+        self.mean_square = torch.zeros((), device=device)
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """Fold in the batch ``x``; return the current RMS estimate (a 0-d tensor, > 0)."""
+        self.mean_square.lerp_(x.pow(2).mean(), 1.0 - self.decay)
+        self.count += 1
+        return self.value()
+
+    def value(self) -> torch.Tensor:
+        """The bias-corrected RMS (1e-8 before any batch, never 0)."""
+        corrected = self.mean_square / (1.0 - self.decay ** self.count) if self.count else self.mean_square
+        return corrected.sqrt().clamp_min(1e-8)
+
+    def state_dict(self) -> dict:
+        return {"mean_square": self.mean_square.clone(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean_square.copy_(state["mean_square"])
+        self.count = int(state["count"])
+
+
 def qsm_actor_loss(
     denoiser: Denoiser,
     critic: nn.Module,
@@ -28,10 +58,14 @@ def qsm_actor_loss(
     act: torch.Tensor,
     q_grad_scale: float,
     generator: torch.Generator | None = None,
+    grad_rms: RunningRMS | None = None,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """L_actor = mean || eps_theta(s, a_t, t) - (-M_q * g) ||^2 for a replay batch (s, a).
 
-    ``critic(obs, act)`` returns [n_critics, B]; its parameters receive no gradient.
+    ``critic(obs, act)`` returns [n_critics, B]; its parameters receive no gradient. ``grad_rms``,
+    when given, folds in g's batch; with ``normalize`` (the scale-free target) g is then divided
+    by that running RMS.
     """
     B, act_dim = act.shape
     # 1. t ~ Uniform{0..T-1}, eps ~ N(0, I)
@@ -45,6 +79,12 @@ def qsm_actor_loss(
     q = critic(obs, a_t)  # [n_critics, B]
     (g,) = torch.autograd.grad(q.mean(dim=0).sum(), a_t)
     assert g.shape == (B, act_dim)
+    if grad_rms is not None:
+        rms = grad_rms.update(g)
+        if normalize:  # scale-free: g in units of its own running RMS
+            g = g / rms
+    elif normalize:
+        raise ValueError("the scale-free target (normalize=True) needs grad_rms")
     target = -q_grad_scale * g
     # 4. L_actor = mean over batch (and action dims) of || eps_theta(s, a_t, t) - (-M_q g) ||^2
     eps_pred = denoiser(obs, a_t.detach(), t)
@@ -78,6 +118,7 @@ class QSMLearner(nn.Module):
             self.actor_opt, lambda n: 0.5 * (1 + math.cos(math.pi * min(n, decay) / decay))
         )
         self.num_updates = 0
+        self.grad_rms = RunningRMS(device)  # of grad_a Q: a metric, and the scale-free target's divisor
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, explore: bool, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -117,7 +158,8 @@ class QSMLearner(nn.Module):
 
         # Actor: regress eps_theta onto -M_q * grad_a Q at noised replay actions.
         actor_loss = qsm_actor_loss(
-            self.denoiser, self.critic, self.schedule, obs, act, self.cfg.q_grad_scale, self.generator
+            self.denoiser, self.critic, self.schedule, obs, act, self.cfg.q_grad_scale, self.generator,
+            self.grad_rms, self.cfg.q_grad_normalize,
         )
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
@@ -130,7 +172,8 @@ class QSMLearner(nn.Module):
                 list(self.critic_target.parameters()), list(self.critic.parameters()), self.cfg.tau
             )
         self.num_updates += 1
-        return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "q_mean": q.mean().detach()}
+        return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "q_mean": q.mean().detach(),
+                "q_grad_rms": self.grad_rms.value()}
 
     def actor_lr(self) -> float:
         return self.actor_opt.param_groups[0]["lr"]

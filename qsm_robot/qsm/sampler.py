@@ -19,11 +19,13 @@ def ddpm_sample(
     noise: torch.Tensor,
     temperature: float = 1.0,
     clip: bool = True,
+    trajectory: bool = False,
 ) -> torch.Tensor:
     """Run the T-step reverse chain from t = T-1 down to 0; returns actions in [-1, 1].
 
     obs: [B, obs_dim]. noise: [B, T, act_dim] standard normal; ``noise[:, 0]`` is a_T and
-    ``noise[:, k]`` (k >= 1) is the z added at step t = T - k.
+    ``noise[:, k]`` (k >= 1) is the z added at step t = T - k. With ``trajectory`` it returns
+    the whole chain [B, T+1, act_dim]: a_T, then a after each step (the last is the action).
     """
     T = schedule.T
     if noise.shape != (obs.shape[0], T, denoiser.act_dim):
@@ -31,15 +33,17 @@ def ddpm_sample(
     obs_code = denoiser.encode_obs(obs)  # the state is projected once for all T steps
     time_codes = denoiser.encode_time(torch.arange(T, device=obs.device))  # [T, hidden]
     a = noise[:, 0]
+    chain = [a]
     for t in range(T - 1, -1, -1):
         eps = denoiser.denoise(obs_code, a, time_codes[t])
         # a <- (a - beta_t / sqrt(1 - alpha_hat_t) * eps) / sqrt(alpha_t)
         a = (a - schedule.eps_coef[t] * eps) * schedule.inv_sqrt_alpha[t]
         if t > 0:  # a <- a + sqrt(beta_t) * temperature * z
             a = a + (schedule.sigma[t] * temperature) * noise[:, T - t]
-        if clip:
+        if clip or t == 0:
             a = a.clamp(-1.0, 1.0)
-    return a.clamp(-1.0, 1.0)
+        chain.append(a)
+    return torch.stack(chain, dim=1) if trajectory else a
 
 
 def sample_actions(

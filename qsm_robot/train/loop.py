@@ -121,6 +121,7 @@ class Trainer:
             "generator": L.generator.get_state(), "eval_generator": self.eval_generator.get_state(),
             "numpy_rng": self.rng.bit_generator.state, REPLAY_STATE: self.replay.state_dict(),
             "n_step_pending": self.n_step.state_dict(),
+            "grad_rms": L.grad_rms.state_dict(),
             "env": get_env_state(self.env), "eval_envs": [get_env_state(e) for e in self.eval_envs],
             "obs": torch.as_tensor(self.obs), "step": self.step, "episode_return": self.episode_return,
             "episode_len": self.episode_len, "elapsed_s": self.elapsed(), "evals": self.evals,
@@ -150,6 +151,8 @@ class Trainer:
         self.replay.load_state_dict(s[REPLAY_STATE])
         if "n_step_pending" in s:  # checkpoints before n-step returns held none
             self.n_step.load_state_dict(s["n_step_pending"])
+        if "grad_rms" in s:  # checkpoints before the scale-free target held none
+            L.grad_rms.load_state_dict(s["grad_rms"])
         set_env_state(self.env, s["env"])
         for env, state in zip(self.eval_envs, s["eval_envs"]):
             set_env_state(env, state)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from qsm_robot.files import atomic_write
 
-TRAIN_COLUMNS = ["step", "time_s", "steps_per_s", "updates_per_s", "critic_loss", "actor_loss", "q_mean", "actor_lr"]
+TRAIN_COLUMNS = ["step", "time_s", "steps_per_s", "updates_per_s", "critic_loss", "actor_loss", "q_mean", "q_grad_rms", "actor_lr"]
 EPISODE_COLUMNS = ["step", "time_s", "return", "length"]
 EVAL_COLUMNS = ["step", "time_s", "return_mean", "return_std", "return_min", "return_max", "episodes"]
 

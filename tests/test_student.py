@@ -1,13 +1,14 @@
-"""The stepwise student (qsm_robot/export/student.py): its stretches of the teacher's chain, the
-teacher's own step form, and its loss against the teacher's chain."""
+"""The students of qsm_robot/export/student.py: the stepwise student's stretches of the teacher's
+chain and its loss, the optimal-transport pairing, a map of the initial noise only."""
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
 from test_export import tiny_spec
 
-from qsm_robot.export.student import StudentPolicy, distill, stepwise_loss
+from qsm_robot.export.student import StudentPolicy, distill, ot_pairing, stepwise_loss
 from qsm_robot.qsm.policy import DiffusionPolicy
 
 
@@ -21,59 +22,96 @@ def test_stretches_cover_the_chain_in_order_without_gaps(T, K, expected):
     assert StudentPolicy(3, 1, T, steps=K).stretches() == expected
 
 
-class TeacherEps(torch.nn.Module):
-    """An oracle 'MLP' for a teacher-form student: reads (a, obs, noise, step code) from its input
-    and returns the teacher's own denoiser output at t = k."""
+class TeacherStep(torch.nn.Module):
+    """An oracle 'MLP' for a K = T student: reads (a, obs, noise, step code) from its input and
+    returns the teacher's own step t = k before its clip (the card's DDPM update, written out)."""
 
-    def __init__(self, teacher: DiffusionPolicy, obs_dim: int, act_dim: int):
+    def __init__(self, teacher: DiffusionPolicy):
         super().__init__()
-        self.teacher, self.obs_dim, self.act_dim = teacher, obs_dim, act_dim
+        self.teacher = teacher
 
     def forward(self, x):
-        T = self.teacher.spec.diffusion_steps
-        a, obs = x[:, :self.act_dim], x[:, self.act_dim:self.act_dim + self.obs_dim]
-        t = x[:, -T:].argmax(dim=-1)
-        return self.teacher.denoiser(obs, a, t)
+        spec, sched = self.teacher.spec, self.teacher.schedule
+        T, A, O = spec.diffusion_steps, spec.act_dim, spec.obs_dim
+        a, obs, noise = x[:, :A], x[:, A:A + O], x[:, A + O:A + O + T * A].reshape(-1, T, A)
+        (k,) = set(x[:, -T:].argmax(dim=-1).tolist())
+        eps = self.teacher.denoiser(obs, a, torch.full((x.shape[0],), k))
+        a = (a - sched.eps_coef[k] * eps) * sched.inv_sqrt_alpha[k]
+        return a + sched.sigma[k] * noise[:, T - k] if k > 0 else a
 
 
 @pytest.mark.parametrize("clip", [True, False])
-def test_the_teacher_form_with_the_teachers_denoiser_is_the_teachers_chain(clip):
-    """Sample by sample on shared noise: the update, its per-step noise and its clips are the
-    teacher's, so an exact eps gives the exact chain; and the stepwise loss is then 0."""
+def test_a_student_that_takes_the_teachers_steps_has_zero_stepwise_loss(clip):
+    """With K = T and an exact step the student is the teacher's chain sample by sample; the
+    stepwise loss is then 0 and grows when one step is wrong; the clips between steps matter."""
     torch.manual_seed(0)
     spec = dataclasses.replace(tiny_spec(), clip_sample=clip)
     teacher = DiffusionPolicy(spec)
     for p in teacher.denoiser.parameters():  # large outputs: the clips bind
         p.data.mul_(3.0)
-    T, obs_dim, act_dim = spec.diffusion_steps, spec.obs_dim, spec.act_dim
-    student = StudentPolicy(obs_dim, act_dim, T, steps=T, clip_steps=clip).take_teacher_form(teacher.schedule, 1.0)
-    student.net = TeacherEps(teacher, obs_dim, act_dim)
-    obs, noise = torch.randn(64, obs_dim), torch.randn(64, T, act_dim)
+    T = spec.diffusion_steps
+    student = StudentPolicy(spec.obs_dim, spec.act_dim, T, steps=T, clip_steps=clip)
+    student.net = TeacherStep(teacher)
+    obs, noise = torch.randn(64, spec.obs_dim), torch.randn(64, T, spec.act_dim)
     with torch.no_grad():
         expected = teacher.sample(obs, noise)
         assert torch.allclose(student(obs, noise), expected, atol=1e-5)
         assert stepwise_loss(student, teacher, obs, noise).item() < 1e-10
-        if clip:  # the clips matter: without them between steps the chain differs
+        if clip:
             student.clip_steps = False
             assert not torch.allclose(student(obs, noise), expected, atol=1e-3)
+            student.clip_steps = True
+        student.net = torch.nn.Sequential(TeacherStep(teacher), Shift(0.3))  # every step a bit off
+        assert stepwise_loss(student, teacher, obs, noise).item() > 1e-3
 
 
-def test_the_teacher_form_needs_one_student_step_per_teacher_step():
+class Shift(torch.nn.Module):
+    def __init__(self, by):
+        super().__init__()
+        self.by = by
+
+    def forward(self, x):
+        return x + self.by
+
+
+def test_student_steps_are_bounded_by_the_teachers():
     spec = tiny_spec()
-    with pytest.raises(ValueError, match="needs K = T"):
-        StudentPolicy(spec.obs_dim, spec.act_dim, spec.diffusion_steps, steps=2).take_teacher_form(
-            DiffusionPolicy(spec).schedule, 1.0)
     with pytest.raises(ValueError, match="student steps must be in 1..4"):
         StudentPolicy(spec.obs_dim, spec.act_dim, spec.diffusion_steps, steps=5)
 
 
+def test_ot_pairing_sorts_in_one_dimension_and_minimises_the_cost_in_several():
+    g = torch.Generator().manual_seed(0)
+    noise, samples = torch.randn(3, 6, 1, generator=g), torch.randn(3, 6, 1, generator=g)
+    paired = ot_pairing(noise, samples)
+    for s in range(3):  # the i-th smallest noise gets the i-th smallest sample
+        assert torch.equal(paired[s, noise[s, :, 0].argsort(), 0], samples[s, :, 0].sort().values)
+    noise, samples = torch.randn(2, 5, 2, generator=g), torch.randn(2, 5, 2, generator=g)
+    paired = ot_pairing(noise, samples)
+    for s in range(2):
+        best = min(sum(((noise[s, i] - samples[s, j]) ** 2).sum().item() for i, j in enumerate(perm))
+                   for perm in itertools.permutations(range(5)))
+        assert ((noise[s] - paired[s]) ** 2).sum().item() == pytest.approx(best, rel=1e-6)
+        assert sorted(map(tuple, paired[s].tolist())) == sorted(map(tuple, samples[s].tolist()))
+
+
+def test_a_map_of_the_initial_noise_ignores_the_later_noise():
+    torch.manual_seed(0)
+    student = StudentPolicy(3, 2, 4, steps=1, hidden_dim=16, all_noise=False)
+    obs, noise = torch.randn(8, 3), torch.randn(8, 4, 2)
+    other = noise.clone()
+    other[:, 1:] = torch.randn(8, 3, 2)
+    assert torch.equal(student(obs, noise), student(obs, other))
+    other[:, 0] += 1.0
+    assert not torch.equal(student(obs, noise), student(obs, other))
+
+
 @pytest.mark.parametrize("K", [2, 4])
-def test_stepwise_distillation_lowers_the_loss_and_takes_the_teachers_form_at_k_equal_t(K):
+def test_stepwise_distillation_lowers_the_loss_and_clips_between_steps(K):
     torch.manual_seed(0)
     teacher = DiffusionPolicy(tiny_spec())
     states = torch.randn(512, teacher.spec.obs_dim)
     student, losses = distill(teacher, states, student_steps=K, hidden_dim=32, iterations=300, batch_size=128,
                               progress=False, method="stepwise")
-    assert (student.update is not None) == (K == teacher.spec.diffusion_steps)
-    assert student.clip_steps
+    assert student.clip_steps and student.all_noise
     assert sum(losses[-30:]) < 0.5 * sum(losses[:30])

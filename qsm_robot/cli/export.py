@@ -57,6 +57,8 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
                    help="gate: mean share of exported samples where the teacher has no mass")
     p.add_argument("--enforce-distribution", action="store_true",
                    help="refuse the export when the distribution gate fails (default: report it and warn)")
+    p.add_argument("--distill-draws", type=int, default=d.distill_draws,
+                   help="samples per state for the methods that compare distributions (ot, energy)")
     p.add_argument("--state-episodes", type=int, default=d.state_episodes, help="teacher rollouts that provide distillation states")
     p.add_argument("--eval-episodes", type=int, default=d.eval_episodes, help="episodes for the return-retention gate")
     p.add_argument("--min-retention", type=float, default=d.min_retention, help="gate: exported mean return / teacher mean return")
@@ -66,7 +68,7 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads for distillation (0: the CPUs this process may run on)")
     a = p.parse_args(argv)
-    for name in ("distill_iterations", "distill_batch", "student_hidden", "student_layers", "state_episodes",
+    for name in ("distill_iterations", "distill_batch", "distill_draws", "student_hidden", "student_layers", "state_episodes",
                  "eval_episodes", "parity_samples", "latency_calls", "fidelity_states", "fidelity_samples"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -80,7 +82,7 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
         distill_iterations=a.distill_iterations, distill_batch=a.distill_batch, student_hidden=a.student_hidden,
         student_layers=a.student_layers, student_activation=a.student_activation, state_episodes=a.state_episodes, eval_episodes=a.eval_episodes,
         min_retention=a.min_retention, parity_samples=a.parity_samples, parity_tol=a.parity_tol,
-        latency_calls=a.latency_calls, seed=a.seed, progress=sys.stderr.isatty(), distill_method=a.distill_method,
+        latency_calls=a.latency_calls, seed=a.seed, progress=sys.stderr.isatty(), distill_method=a.distill_method, distill_draws=a.distill_draws,
         fidelity_states=a.fidelity_states, fidelity_samples=a.fidelity_samples,
         fidelity=FidelityThresholds(w1_mean=a.max_w1, w1_worst=a.max_w1_worst, off_support_mean=a.max_off_support),
         enforce_distribution=a.enforce_distribution,

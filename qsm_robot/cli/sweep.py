@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from qsm_robot.config import PRESETS
+
 PROG = "qsm-sweep"
 
 
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     spec = run.add_argument_group("the grid (stored in SWEEP_DIR/sweep.json)")
     spec.add_argument("--file", type=Path, help="sweep file, YAML (.yaml/.yml) or JSON")
     spec.add_argument("--tasks", nargs="+", metavar="TASK", help="dm_control tasks as domain-task")
-    spec.add_argument("--presets", nargs="+", metavar="PRESET", help="presets (reference, fast, smoke); default reference")
+    spec.add_argument("--presets", nargs="+", metavar="PRESET", help=f"presets ({', '.join(PRESETS)}); default reference")
     spec.add_argument("--seeds", nargs="+", metavar="SEED", help="seeds; default 0")
     spec.add_argument("--steps", metavar="N", help="policy steps per trial (the same as --set steps=N)")
     spec.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

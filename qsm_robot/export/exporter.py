@@ -48,6 +48,8 @@ class ExportOptions:
     student_layers: int = 2
     student_activation: str = "relu"
     distill_method: str = "regression"
+    distill_draws: int = 16
+    """Samples per state for the methods that compare distributions (ot, energy)."""
     """Distillation objective (``student.METHODS``)."""
     state_episodes: int = 8
     """Teacher rollouts whose states (with the replay buffer's, when present) train the student."""
@@ -240,7 +242,7 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
         sampler, losses = distill(
             teacher, torch.from_numpy(states), opts.student_steps, opts.student_hidden, opts.student_layers,
             opts.student_activation, opts.distill_iterations, opts.distill_batch, seed=opts.seed, progress=opts.progress,
-            method=opts.distill_method,
+            method=opts.distill_method, draws=opts.distill_draws,
         )
         report.distill_seconds = round(time.perf_counter() - t0, 1)
         report.distill_final_loss = float(np.mean(losses[-100:]))

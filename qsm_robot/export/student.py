@@ -23,7 +23,6 @@ from tqdm import tqdm
 from qsm_robot.qsm.networks import Mish
 from qsm_robot.qsm.policy import DiffusionPolicy
 from qsm_robot.qsm.sampler import ddpm_sample
-from qsm_robot.qsm.schedules import DiffusionSchedule
 
 
 # The student's activation is free (it need not be the teacher's Mish): ReLU fuses into the
@@ -35,7 +34,8 @@ class StudentPolicy(nn.Module):
     """K-step student: (obs [B, obs_dim], noise [B, T, act_dim]) -> action in [-1, 1]."""
 
     def __init__(self, obs_dim: int, act_dim: int, teacher_steps: int, steps: int = 1,
-                 hidden_dim: int = 256, num_layers: int = 2, activation: str = "relu", clip_steps: bool = False):
+                 hidden_dim: int = 256, num_layers: int = 2, activation: str = "relu", clip_steps: bool = False,
+                 all_noise: bool = True):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"student activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
@@ -43,8 +43,8 @@ class StudentPolicy(nn.Module):
             raise ValueError(f"student steps must be in 1..{teacher_steps} (the teacher's T), got {steps}")
         self.obs_dim, self.act_dim, self.teacher_steps, self.steps = obs_dim, act_dim, teacher_steps, steps
         self.clip_steps = clip_steps
-        self.update: tuple[list[float], list[float], list[float]] | None = None
-        dims = [act_dim + obs_dim + teacher_steps * act_dim + steps] + [hidden_dim] * num_layers
+        self.all_noise = all_noise  # False: the student sees a_T only (a map of the initial noise)
+        dims = [act_dim + obs_dim + (teacher_steps * act_dim if all_noise else 0) + steps] + [hidden_dim] * num_layers
         layers: list[nn.Module] = []
         for d_in, d_out in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(d_in, d_out), ACTIVATIONS[activation]()]
@@ -52,28 +52,11 @@ class StudentPolicy(nn.Module):
         self.net = nn.Sequential(*layers)
         self.register_buffer("step_codes", torch.eye(steps))
 
-    def take_teacher_form(self, schedule: DiffusionSchedule, temperature: float) -> "StudentPolicy":
-        """Make each step the teacher's own DDPM update around a smaller network: the MLP then
-        predicts the denoiser's eps (a smooth map), and the update, its noise and its clip are
-        exact. Needs K = T (step k is the teacher's step t = k)."""
-        if self.steps != self.teacher_steps:
-            raise ValueError(f"the teacher's step form needs K = T = {self.teacher_steps}, got K = {self.steps}")
-        self.update = (list(schedule.eps_coef), list(schedule.inv_sqrt_alpha),
-                       [sigma * temperature for sigma in schedule.sigma])
-        return self
-
     def step(self, a: torch.Tensor, obs: torch.Tensor, flat_noise: torch.Tensor, k: int) -> torch.Tensor:
         """Student step k (K-1 first, 0 last): a_k -> a_{k-1} (before any clip), seeing all of the
-        chain's noise ([B, T * act_dim])."""
-        out = self.net(torch.cat([a, obs, flat_noise, self.step_codes[k].expand(obs.shape[0], self.steps)], dim=-1))
-        if self.update is None:
-            return out
-        eps_coef, inv_sqrt_alpha, sigma = self.update  # the teacher's update (qsm.sampler.ddpm_sample)
-        a = (a - eps_coef[k] * out) * inv_sqrt_alpha[k]
-        if k > 0:
-            T = self.teacher_steps
-            a = a + sigma[k] * flat_noise[:, (T - k) * self.act_dim:(T - k + 1) * self.act_dim]
-        return a
+        chain's noise ``flat_noise`` [B, T * act_dim] unless it is a map of a_T only."""
+        code = self.step_codes[k].expand(obs.shape[0], self.steps)
+        return self.net(torch.cat([a, obs, flat_noise, code] if self.all_noise else [a, obs, code], dim=-1))
 
     def raw(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The last step's output before the final clip (with ``clip_steps``, the ones between
@@ -149,12 +132,28 @@ def energy_score_loss(student_samples: torch.Tensor, teacher_samples: torch.Tens
     return (cross - 0.5 * self_pairs).mean()
 
 
-METHODS = ("stepwise", "regression", "l1", "energy")
-"""Distillation objectives: ``stepwise`` (shared noise; each student step regresses onto its
+METHODS = ("ot", "stepwise", "regression", "l1", "energy")
+"""Distillation objectives: ``ot`` (a map of the initial noise a_T only, regressed onto teacher
+samples paired with its inputs by optimal transport, state by state: the monotone map from the
+Gaussian to the teacher's distribution), ``stepwise`` (shared noise; each student step regresses onto its
 stretch of the teacher's chain, starting from the teacher's own state there, squared error),
 ``regression`` (shared noise, squared error on the final action only), ``l1`` (the same with
 absolute error) or ``energy`` (the energy score on independent draws: the student learns the
 distribution, not the teacher's noise-to-action pairing). With K=1 ``stepwise`` is ``regression``."""
+
+
+def ot_pairing(noise: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """``samples`` [S, m, act] reordered so that samples[s, i] is the partner of noise[s, i] in the
+    optimal transport (squared Euclidean cost) between the two sets of m points at each state s.
+
+    For one action dimension this pairs them in sorted order (the quantile map); in several it is
+    the discrete Brenier map, which keeps the joint distribution (minibatch OT couplings, as in
+    Tong et al. 2023 and Pooladian et al. 2023 for flow matching)."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(noise, samples).pow(2).cpu().numpy()
+    order = torch.stack([torch.as_tensor(linear_sum_assignment(c)[1]) for c in cost])  # [S, m]
+    return torch.gather(samples, 1, order[..., None].expand_as(samples).to(samples.device))
 
 
 def stepwise_loss(student: StudentPolicy, teacher: DiffusionPolicy, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -199,14 +198,12 @@ def distill(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     student = StudentPolicy(spec.obs_dim, spec.act_dim, spec.diffusion_steps, student_steps, hidden_dim, num_layers,
-                            activation, clip_steps=method == "stepwise" and spec.clip_sample)
-    if method == "stepwise" and student_steps == spec.diffusion_steps:
-        student.take_teacher_form(teacher.schedule, spec.temperature)
+                            activation, clip_steps=method == "stepwise" and spec.clip_sample, all_noise=method != "ot")
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / iterations)))
     losses = []
     bar = tqdm(range(iterations), desc="distilling", unit="it", disable=not progress, dynamic_ncols=True)
-    warm = 0 if method == "energy" else iterations
+    warm = 0 if method in ("energy", "ot") else iterations
     for i in bar:
         if i < warm:
             idx = torch.randint(0, states.shape[0], (batch_size,), generator=gen)
@@ -224,9 +221,14 @@ def distill(
             obs = states[idx].repeat_interleave(draws, 0)
             shape = (n_states * draws, spec.diffusion_steps, spec.act_dim)
             with torch.no_grad():  # independent noise: the teacher's draws are not paired with the student's
-                target = teacher.sample(obs, torch.randn(shape, generator=gen))
-            out = student(obs, torch.randn(shape, generator=gen))
-            loss = energy_score_loss(out.view(n_states, draws, -1), target.view(n_states, draws, -1))
+                target = teacher.sample(obs, torch.randn(shape, generator=gen)).view(n_states, draws, -1)
+            noise = torch.randn(shape, generator=gen)
+            if method == "ot":
+                target = ot_pairing(noise[:, 0].view(n_states, draws, -1), target)
+                # absolute error: the median of the targets at each noise, a sharp step between modes
+                loss = bounded_regression_loss(student.raw(obs, noise), target.reshape(n_states * draws, -1), 1.0)
+            else:
+                loss = energy_score_loss(student(obs, noise).view(n_states, draws, -1), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -59,7 +59,7 @@ class SweepSpec:
     tasks: list[str] = field(default_factory=list)
     """dm_control tasks as domain-task (cartpole-swingup, walker-walk, ...)."""
     presets: list[str] = field(default_factory=lambda: ["reference"])
-    """TrainConfig presets (reference, fast, smoke); each trial starts from one."""
+    """TrainConfig presets (qsm_robot.config.PRESETS); each trial starts from one."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds; every task x preset x grid point runs once per seed."""
     set: dict[str, Any] = field(default_factory=dict)

@@ -3,8 +3,8 @@
     python -m benchmarks.distillation RUN_DIR [RUN_DIR ...] [--candidates stepwise:5 regression:1 ...]
                                       [--iterations 3000]
 
-A candidate is METHOD:K[:WIDTH] (distillation method, student steps, student width; default width
-256). For every run and candidate it exports a student with ``--force`` (so that every gate is
+A candidate is METHOD:K[:WIDTH[:DRAWS]] (distillation method, student steps, student width, samples
+per state for ot and energy; defaults 256 and 16). For every run and candidate it exports a student with ``--force`` (so that every gate is
 measured even when one fails) and tabulates the export report: the distribution gate (W1 / range
 mean and worst state against the teacher-vs-itself floor, off-support share), return retention,
 batch-1 latency (p50 / p99) and distillation time. The models go to
@@ -26,18 +26,20 @@ from pathlib import Path
 from benchmarks.common import print_table, write_csv
 
 OUT = Path(__file__).resolve().parent / "results"
-DEFAULT_CANDIDATES = ("stepwise:5", "stepwise:5:128", "stepwise:2", "regression:1", "l1:1", "energy:1")
+DEFAULT_CANDIDATES = ("stepwise:5", "stepwise:2", "regression:1", "l1:1", "energy:1", "ot:1:256:64")
 
 
-def candidate(text: str) -> tuple[str, int, int]:
-    """METHOD:K[:WIDTH] -> (method, K, width)."""
+def candidate(text: str) -> tuple[str, int, int, int]:
+    """METHOD:K[:WIDTH[:DRAWS]] -> (method, K, width, draws)."""
     parts = text.split(":")
     try:
-        if len(parts) not in (2, 3):
+        if not 2 <= len(parts) <= 4:
             raise ValueError
-        return parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else 256
+        numbers = [int(x) for x in parts[1:]] + [256, 16][len(parts) - 2:]
+        return parts[0], numbers[0], numbers[1], numbers[2]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a candidate is METHOD:K[:WIDTH], e.g. stepwise:5:128, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"a candidate is METHOD:K[:WIDTH[:DRAWS]], e.g. stepwise:5:128 or ot:1:256:64, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,26 +49,26 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="qsm-train run directories (or checkpoints)")
-    p.add_argument("--candidates", nargs="+", type=candidate, metavar="METHOD:K[:WIDTH]",
+    p.add_argument("--candidates", nargs="+", type=candidate, metavar="METHOD:K[:WIDTH[:DRAWS]]",
                    default=[candidate(c) for c in DEFAULT_CANDIDATES])
     p.add_argument("--iterations", type=int, default=3000)
     a = p.parse_args(argv)
-    unknown = sorted({m for m, _, _ in a.candidates} - set(METHODS))
+    unknown = sorted({c[0] for c in a.candidates} - set(METHODS))
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(METHODS)}")
     work = OUT / f"distillation-{time.strftime('%Y%m%d-%H%M%S')}"
     rows = []
     for run in a.runs:
         task = load_policy(run).spec.task
-        for method, steps, width in a.candidates:
-            out = work / f"{task}-{method}-k{steps}-w{width}.onnx"
+        for method, steps, width, draws in a.candidates:
+            out = work / f"{task}-{method}-k{steps}-w{width}-d{draws}.onnx"
             r = export_policy(run, ExportOptions(out=out, force=True, distill_method=method, progress=False,
                                                  distill_iterations=a.iterations, student_steps=steps,
-                                                 student_hidden=width),
+                                                 student_hidden=width, distill_draws=draws),
                               log=lambda m: None)
             d, lat = r.gates["distribution"], r.gates["latency"]
             rows.append({
-                "task": task, "run": str(run), "method": method, "K": steps, "width": width, "iterations": a.iterations,
+                "task": task, "run": str(run), "method": method, "K": steps, "width": width, "draws": draws, "iterations": a.iterations,
                 "w1_mean": round(d["w1_mean"], 3), "floor_w1_mean": round(d["floor_w1_mean"], 3),
                 "w1_worst": round(d["w1_worst"], 3), "off_support_pct": round(100 * d["off_support_mean"], 1),
                 "gate": "pass" if d["passed"] else "fail",

@@ -143,6 +143,12 @@ def test_label_by_splits_groups_and_mixed_groups_are_flagged(tmp_path, capsys):
     assert not split.warnings
     with pytest.raises(ReportError, match="label_by: tau_x is not a field"):
         make_report([runs], ReportOptions(label_by=["tau_x"], reps=REPS))
+    # A run made before a field existed (its config.json lacks it) ran with the field's default.
+    write_run(runs, "new", seed=1, hidden_dim=64, q_grad_normalize=True, evals=[(1000, 200, 1.0)])
+    by_target = make_report([runs], ReportOptions(label_by=["hidden_dim", "q_grad_normalize"], reps=REPS))
+    assert {r["label"] for r in by_target.rows} == {
+        "hidden_dim=64, q_grad_normalize=False", "hidden_dim=512, q_grad_normalize=False",
+        "hidden_dim=64, q_grad_normalize=True"}
     # A sweep's grid fields label its groups by default.
     sweep = tmp_path / "sweep"
     write_run(sweep / "trials", "x", seed=0, q_grad_scale=30.0, evals=[(1000, 100, 1.0)])

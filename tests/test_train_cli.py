@@ -28,6 +28,7 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path, capsys):
     assert config["preset"] == "smoke" and config["hidden_dim"] == 32 and config["steps"] == 1200
     evals = list(csv.DictReader(open(run / "eval.csv")))
     assert [int(r["step"]) for r in evals] == [600, 1200]
+    assert all(0.0 <= float(r["saturated"]) <= 1.0 for r in evals)
     episodes = list(csv.DictReader(open(run / "episodes.csv")))
     assert [int(r["length"]) for r in episodes] == [1000]
     train_rows = list(csv.DictReader(open(run / "train.csv")))

@@ -46,7 +46,9 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
                    help="student activation (relu fuses into the Gemm in onnxruntime: fastest)")
     p.add_argument("--distill-method", choices=list(METHODS), default=d.distill_method,
                    help="distillation objective: regression (shared noise, squared error), l1 (shared noise, absolute "
-                        "error) or energy (the energy score on independent draws, after a regression warm start)")
+                        "error), stepwise (each of the K student steps onto its stretch of the teacher's chain), "
+                        "energy (the energy score on independent draws) or ot (a map of a_T, paired with teacher "
+                        "samples by optimal transport); docs/EXPORT.md")
     p.add_argument("--fidelity-states", type=int, default=d.fidelity_states,
                    help="held-out states (evaluation episodes) for the distribution gate")
     p.add_argument("--fidelity-samples", type=int, default=d.fidelity_samples, help="actions per state and sampler")

@@ -33,6 +33,7 @@ External baselines are CSV files with columns task, frames, return, seed and opt
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -44,6 +45,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from qsm_robot.config import TrainConfig
 from qsm_robot.files import atomic_write, atomic_write_text
 
 SCORE_SCALE = 1000.0
@@ -272,9 +274,12 @@ def load_run(run_dir: Path, label_by: list[str]) -> Curve | None:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ReportError(f"config.json: cannot read {run_dir / 'config.json'}: {exc}") from None
-    missing = [f for f in label_by if f not in config]
-    if missing:
-        raise ReportError(f"label_by: {missing[0]} is not a field of {run_dir / 'config.json'}")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name in label_by:  # a run made before a field existed ran with its default
+        if name not in config:
+            if name not in defaults:
+                raise ReportError(f"label_by: {name} is not a field of {run_dir / 'config.json'}")
+            config[name] = defaults[name]
     with open(run_dir / "eval.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if _numeric(r, ("step", "time_s", "return_mean"))]
     if not rows:

@@ -169,16 +169,22 @@ class Trainer:
         self._stop_signal = signum
 
     def evaluate(self) -> float:
+        at_bound = [0, 0]  # action components within 1% of a bound, all components
+
         def policy(obs: np.ndarray) -> np.ndarray:
             obs_t = torch.as_tensor(obs, device=self.device)
-            return self.learner.act(obs_t, explore=False, generator=self.eval_generator).cpu().numpy()
+            action = self.learner.act(obs_t, explore=False, generator=self.eval_generator).cpu().numpy()
+            at_bound[0] += int((np.abs(action) >= 0.99).sum())
+            at_bound[1] += action.size
+            return action
 
         returns = run_episodes(policy, self.eval_envs)
         mean = float(np.mean(returns))
         self.evals.append(mean)
         row = dict(step=self.step, time_s=round(self.elapsed(), 2), return_mean=mean,
                    return_std=float(np.std(returns)), return_min=float(np.min(returns)),
-                   return_max=float(np.max(returns)), episodes=len(returns))
+                   return_max=float(np.max(returns)), episodes=len(returns),
+                   saturated=round(at_bound[0] / max(at_bound[1], 1), 4))
         self.log.eval(**row)
         if self.on_eval is not None:
             self.on_eval(row)

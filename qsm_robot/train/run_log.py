@@ -24,7 +24,9 @@ from qsm_robot.files import atomic_write
 
 TRAIN_COLUMNS = ["step", "time_s", "steps_per_s", "updates_per_s", "critic_loss", "actor_loss", "q_mean", "q_grad_rms", "actor_lr"]
 EPISODE_COLUMNS = ["step", "time_s", "return", "length"]
-EVAL_COLUMNS = ["step", "time_s", "return_mean", "return_std", "return_min", "return_max", "episodes"]
+EVAL_COLUMNS = ["step", "time_s", "return_mean", "return_std", "return_min", "return_max", "episodes", "saturated"]
+"""``saturated``: the share of the evaluation's action components at a bound (|a| >= 0.99 in [-1, 1]):
+a QSM policy with a large M_q acts bang-bang, which costs reward on tasks that penalise control."""
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -1,5 +1,6 @@
 """The QSM update itself: the sign test, the critic target's masks, Polyak, the lr schedule."""
 
+import csv
 import math
 
 import gymnasium as gym
@@ -233,6 +234,22 @@ class CountingEnv(gym.Env):
     def step(self, action):
         self.t += 1
         return self._obs(), float(self.t), self.episode == 0 and self.t == 3, False, {}
+
+
+def test_evaluation_reports_the_share_of_action_components_at_a_bound(tmp_path):
+    """Three eval envs, each action batch [-1, 0.995, 0.3]: two of three components lie within 1%
+    of a bound, whatever the number of steps."""
+    from qsm_robot.config import preset_config
+    from qsm_robot.train.loop import Trainer
+
+    cfg = preset_config("smoke", steps=20, eval_episodes=3, run_dir=str(tmp_path))
+    trainer = Trainer(cfg, tmp_path)
+    trainer.eval_envs = [gym.wrappers.TimeLimit(CountingEnv(), max_episode_steps=4) for _ in range(3)]
+    trainer.learner.act = lambda obs, explore, generator=None: torch.tensor([[-1.0], [0.995], [0.3]])[: len(obs)]
+    trainer.evaluate()
+    trainer.log.close()
+    [row] = list(csv.DictReader(open(tmp_path / "eval.csv")))
+    assert float(row["saturated"]) == pytest.approx(round(2 / 3, 4))
 
 
 def test_training_loop_stores_mask_0_on_termination_and_1_on_truncation(tmp_path):

@@ -48,9 +48,9 @@ class ExportOptions:
     student_layers: int = 2
     student_activation: str = "relu"
     distill_method: str = "regression"
+    """Distillation objective (``student.METHODS``)."""
     distill_draws: int = 16
     """Samples per state for the methods that compare distributions (ot, energy)."""
-    """Distillation objective (``student.METHODS``)."""
     state_episodes: int = 8
     """Teacher rollouts whose states (with the replay buffer's, when present) train the student."""
     eval_episodes: int = 5

@@ -158,7 +158,7 @@ def ot_pairing(noise: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
 
 def stepwise_loss(student: StudentPolicy, teacher: DiffusionPolicy, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Each student step k from the teacher's chain at the start of its stretch to the teacher's
-    chain at its end (teacher forcing), all K steps in one batched call of the MLP.
+    chain at its end (teacher forcing), the mean over the K steps.
 
     Each stretch of a few teacher steps is a smooth map (one step is the denoiser, then the
     clip); the whole chain from a_T is not, since its noise picks a mode. Learning the short

@@ -33,7 +33,7 @@ def ddpm_sample(
     obs_code = denoiser.encode_obs(obs)  # the state is projected once for all T steps
     time_codes = denoiser.encode_time(torch.arange(T, device=obs.device))  # [T, hidden]
     a = noise[:, 0]
-    chain = [a]
+    chain = [a] if trajectory else None  # kept only when asked: sampling in training needs the action alone
     for t in range(T - 1, -1, -1):
         eps = denoiser.denoise(obs_code, a, time_codes[t])
         # a <- (a - beta_t / sqrt(1 - alpha_hat_t) * eps) / sqrt(alpha_t)
@@ -42,8 +42,9 @@ def ddpm_sample(
             a = a + (schedule.sigma[t] * temperature) * noise[:, T - t]
         if clip or t == 0:
             a = a.clamp(-1.0, 1.0)
-        chain.append(a)
-    return torch.stack(chain, dim=1) if trajectory else a
+        if chain is not None:
+            chain.append(a)
+    return a if chain is None else torch.stack(chain, dim=1)
 
 
 def sample_actions(

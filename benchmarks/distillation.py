@@ -1,10 +1,10 @@
 """Distillation benchmark: each student objective through the whole of qsm-export, side by side.
 
     python -m benchmarks.distillation RUN_DIR [RUN_DIR ...] [--candidates stepwise:5 regression:1 ...]
-                                      [--iterations 3000]
+                                      [--iterations N]
 
 A candidate is METHOD:K[:WIDTH[:DRAWS]] (distillation method, student steps, student width, samples
-per state for ot and energy; defaults 256 and 16). For every run and candidate it exports a student with ``--force`` (so that every gate is
+per state for ot and energy; defaults 256 and the method's, student.method_default). For every run and candidate it exports a student with ``--force`` (so that every gate is
 measured even when one fails) and tabulates the export report: the distribution gate (W1 / range
 mean and worst state against the teacher-vs-itself floor, off-support share), return retention,
 batch-1 latency (p50 / p99) and distillation time. The models go to
@@ -26,16 +26,16 @@ from pathlib import Path
 from benchmarks.common import print_table, write_csv
 
 OUT = Path(__file__).resolve().parent / "results"
-DEFAULT_CANDIDATES = ("stepwise:5", "stepwise:2", "regression:1", "l1:1", "energy:1", "ot:1:256:64")
+DEFAULT_CANDIDATES = ("ot:1", "regression:1", "stepwise:5", "stepwise:2", "l1:1", "energy:1")
 
 
-def candidate(text: str) -> tuple[str, int, int, int]:
-    """METHOD:K[:WIDTH[:DRAWS]] -> (method, K, width, draws)."""
+def candidate(text: str) -> tuple[str, int, int, int | None]:
+    """METHOD:K[:WIDTH[:DRAWS]] -> (method, K, width, draws or None for the method's default)."""
     parts = text.split(":")
     try:
         if not 2 <= len(parts) <= 4:
             raise ValueError
-        numbers = [int(x) for x in parts[1:]] + [256, 16][len(parts) - 2:]
+        numbers: list = [int(x) for x in parts[1:]] + [256, None][len(parts) - 2:]
         return parts[0], numbers[0], numbers[1], numbers[2]
     except ValueError:
         raise argparse.ArgumentTypeError(
@@ -44,14 +44,14 @@ def candidate(text: str) -> tuple[str, int, int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     from qsm_robot.export.exporter import ExportOptions, export_policy
-    from qsm_robot.export.student import METHODS
+    from qsm_robot.export.student import METHODS, method_default
     from qsm_robot.qsm.policy import load_policy
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="qsm-train run directories (or checkpoints)")
     p.add_argument("--candidates", nargs="+", type=candidate, metavar="METHOD:K[:WIDTH[:DRAWS]]",
                    default=[candidate(c) for c in DEFAULT_CANDIDATES])
-    p.add_argument("--iterations", type=int, default=3000)
+    p.add_argument("--iterations", type=int, default=None, help="default: each method's (student.method_default)")
     a = p.parse_args(argv)
     unknown = sorted({c[0] for c in a.candidates} - set(METHODS))
     if unknown:
@@ -61,14 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     for run in a.runs:
         task = load_policy(run).spec.task
         for method, steps, width, draws in a.candidates:
+            draws = method_default(method, "draws") if draws is None else draws
+            iterations = method_default(method, "iterations") if a.iterations is None else a.iterations
             out = work / f"{task}-{method}-k{steps}-w{width}-d{draws}.onnx"
             r = export_policy(run, ExportOptions(out=out, force=True, distill_method=method, progress=False,
-                                                 distill_iterations=a.iterations, student_steps=steps,
+                                                 distill_iterations=iterations, student_steps=steps,
                                                  student_hidden=width, distill_draws=draws),
                               log=lambda m: None)
             d, lat = r.gates["distribution"], r.gates["latency"]
             rows.append({
-                "task": task, "run": str(run), "method": method, "K": steps, "width": width, "draws": draws, "iterations": a.iterations,
+                "task": task, "run": str(run), "method": method, "K": steps, "width": width, "draws": draws, "iterations": iterations,
                 "w1_mean": round(d["w1_mean"], 3), "floor_w1_mean": round(d["floor_w1_mean"], 3),
                 "w1_worst": round(d["w1_worst"], 3), "off_support_pct": round(100 * d["off_support_mean"], 1),
                 "gate": "pass" if d["passed"] else "fail",

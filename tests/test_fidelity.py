@@ -90,16 +90,16 @@ class BimodalTeacher:
         return torch.sign(torch.sin(40 * noise[:, 0, :1]) + 1e-6)
 
 
-@pytest.mark.parametrize("method,keeps_modes", [("regression", False), ("energy", True)])
+@pytest.mark.parametrize("method,keeps_modes", [("regression", False), ("energy", True), ("ot", True)])
 def test_distillation_objectives_on_a_bimodal_teacher(method, keeps_modes):
-    """The energy student puts its mass on the modes; the squared-error student, regressing onto
-    targets that flip between the modes from one noise draw to the next, learns their average."""
+    """The energy and ot students put their mass on the modes; the squared-error student, regressing
+    onto targets that flip between the modes from one noise draw to the next, learns their average."""
     from qsm_robot.export.student import distill
 
     torch.manual_seed(0)
     states = torch.randn(256, 3)
     student, _ = distill(BimodalTeacher(), states, hidden_dim=32, iterations=400, batch_size=256, lr=3e-3,
-                         progress=False, method=method, draws=16)
+                         progress=False, method=method, draws=16 if method == "energy" else 64)
 
     def run(obs, rng):
         noise = rng.standard_normal((len(obs), 5, 1), dtype=np.float32)

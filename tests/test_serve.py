@@ -460,8 +460,10 @@ def test_stale_states_are_not_acted_on(core):
     arm(core)
     now = time.monotonic_ns()
     core.answer(state_frame(1, np.zeros(5), t_ns=now), now)
+    # the fresh state's own outcome is not this test's (a loaded machine can make it miss its budget)
+    fallbacks = core.safety.counts["fallbacks"]
     core.answer(state_frame(2, np.zeros(5), t_ns=now - 100_000_000), time.monotonic_ns())  # 100 ms old
-    assert core.counters.stale == 1 and core.safety.counts["fallbacks"] == 1
+    assert core.counters.stale == 1 and core.safety.counts["fallbacks"] == fallbacks + 1
 
 
 def test_the_core_needs_no_sockets():

@@ -8,7 +8,8 @@ import pytest
 import torch
 from test_export import tiny_spec
 
-from qsm_robot.export.student import StudentPolicy, distill, ot_pairing, stepwise_loss
+from qsm_robot.export.student import (StudentPolicy, bounded_regression_loss, distill, ot_dataset, ot_pairing,
+                                      stepwise_loss)
 from qsm_robot.qsm.policy import DiffusionPolicy
 
 
@@ -93,6 +94,41 @@ def test_ot_pairing_sorts_in_one_dimension_and_minimises_the_cost_in_several():
                    for perm in itertools.permutations(range(5)))
         assert ((noise[s] - paired[s]) ** 2).sum().item() == pytest.approx(best, rel=1e-6)
         assert sorted(map(tuple, paired[s].tolist())) == sorted(map(tuple, samples[s].tolist()))
+
+
+class CountingTeacher:
+    """A stand-in DiffusionPolicy: action = obs[:, :1] + a_T (so each state's samples are known)."""
+
+    class spec:
+        obs_dim, act_dim, diffusion_steps = 2, 1, 3
+
+    def sample(self, obs, noise):
+        return obs[:, :1] + noise[:, 0]
+
+
+def test_the_ot_training_set_pairs_each_state_s_noise_with_its_own_samples_in_sorted_order():
+    states = torch.tensor([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0], [30.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    index, a_T, partner = ot_dataset(CountingTeacher(), states, draws=8, gen=g, pairs=24)
+    assert index.shape == (24,) and a_T.shape == partner.shape == (24, 1)  # 24 // 8 = 3 of the 4 states
+    assert len(set(index.tolist())) == 3
+    for s in set(index.tolist()):
+        rows = index == s
+        z, y = a_T[rows, 0], partner[rows, 0]
+        assert ((y - states[s, 0]).abs() < 6).all()  # the state's own samples, not another state's
+        assert torch.equal(y[z.argsort()], y.sort().values)  # monotone: the quantile map
+
+
+def test_a_concave_loss_takes_a_mode_where_the_absolute_error_is_indifferent():
+    targets = torch.tensor([[-1.0], [1.0]])
+    loss = {p: {x: bounded_regression_loss(torch.full((2, 1), x), targets, p).item() for x in (-1.0, 0.0)}
+            for p in (0.5, 1.0, 2.0)}
+    assert loss[0.5][-1.0] < loss[0.5][0.0] - 0.2  # concave: a mode beats the midpoint
+    assert loss[1.0][-1.0] == pytest.approx(loss[1.0][0.0])  # absolute error: every point between ties
+    assert loss[2.0][0.0] < loss[2.0][-1.0]  # squared error: the midpoint wins
+    raw = torch.zeros(3, 1, requires_grad=True)
+    bounded_regression_loss(raw, torch.tensor([[0.0], [1.0], [-1.0]]), 0.5).backward()
+    assert torch.isfinite(raw.grad).all()  # an exact hit (error 0) has a finite slope
 
 
 def test_a_map_of_the_initial_noise_ignores_the_later_noise():

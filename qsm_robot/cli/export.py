@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 PROG = "qsm-export"
 
 
+def _per_method(name: str) -> str:
+    """'3000; ot 20000': a distillation default that depends on --distill-method, for --help. It ends
+    in %(default).0s (an empty string), so that argparse does not append its own "(default: None)"."""
+    from qsm_robot.export.student import DEFAULTS, METHOD_DEFAULTS
+
+    own = [f"{m} {v[name]}" for m, v in METHOD_DEFAULTS.items() if name in v]
+    return "; ".join([str(DEFAULTS[name]), *own]) + "%(default).0s"
+
+
 def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     from qsm_robot.export.exporter import ExportOptions
     from qsm_robot.export.fidelity import FidelityThresholds
@@ -38,7 +47,7 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     p.add_argument("--student-steps", type=int, default=d.student_steps, help="K: network evaluations of the student (K < T)")
     p.add_argument("--teacher", action="store_true", help="export the full T-step DDPM chain instead of a student")
     p.add_argument("--force", action="store_true", help="write the model even when a gate fails")
-    p.add_argument("--distill-iterations", type=int, default=d.distill_iterations, help="student training iterations")
+    p.add_argument("--distill-iterations", type=int, default=d.distill_iterations, help="student training iterations (default: " + _per_method("iterations") + ")")
     p.add_argument("--distill-batch", type=int, default=d.distill_batch, help="states per distillation iteration")
     p.add_argument("--student-hidden", type=int, default=d.student_hidden, help="student MLP width")
     p.add_argument("--student-layers", type=int, default=d.student_layers, help="student hidden layers")
@@ -60,7 +69,8 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     p.add_argument("--enforce-distribution", action="store_true",
                    help="refuse the export when the distribution gate fails (default: report it and warn)")
     p.add_argument("--distill-draws", type=int, default=d.distill_draws,
-                   help="samples per state for the methods that compare distributions (ot, energy)")
+                   help="samples per state for the methods that compare distributions (energy, ot; default: "
+                        + _per_method("draws") + ")")
     p.add_argument("--state-episodes", type=int, default=d.state_episodes, help="teacher rollouts that provide distillation states")
     p.add_argument("--eval-episodes", type=int, default=d.eval_episodes, help="episodes for the return-retention gate")
     p.add_argument("--min-retention", type=float, default=d.min_retention, help="gate: exported mean return / teacher mean return")
@@ -72,7 +82,7 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     a = p.parse_args(argv)
     for name in ("distill_iterations", "distill_batch", "distill_draws", "student_hidden", "student_layers", "state_episodes",
                  "eval_episodes", "parity_samples", "latency_calls", "fidelity_states", "fidelity_samples"):
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if not 0 <= a.min_retention <= 1:
         p.error(f"--min-retention must be in [0, 1], got {a.min_retention}")

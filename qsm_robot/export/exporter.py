@@ -42,15 +42,17 @@ class ExportOptions:
     student_steps: int = 1
     teacher: bool = False
     force: bool = False
-    distill_iterations: int = 3000
+    distill_iterations: int | None = None
+    """Student training iterations; None: the method's default (``student.method_default``)."""
     distill_batch: int = 512
     student_hidden: int = 256
     student_layers: int = 2
     student_activation: str = "relu"
     distill_method: str = "regression"
     """Distillation objective (``student.METHODS``)."""
-    distill_draws: int = 16
-    """Samples per state for the methods that compare distributions (ot, energy)."""
+    distill_draws: int | None = None
+    """Samples per state for the methods that compare distributions (ot, energy); None: the
+    method's default."""
     state_episodes: int = 8
     """Teacher rollouts whose states (with the replay buffer's, when present) train the student."""
     eval_episodes: int = 5

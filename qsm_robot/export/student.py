@@ -110,11 +110,14 @@ def bounded_regression_loss(raw: torch.Tensor, target: torch.Tensor, power: floa
     """|error|^power to a target in [-1, 1]; where the target sits on a bound (the teacher's
     clip saturated), any raw output at or past that bound counts as exact. power 2 (squared
     error) averages across a jump of the teacher's noise-to-action map; power 1 (absolute error)
-    takes one side of it (a median), which keeps the jump sharp."""
+    takes one side of it (a median), which keeps the jump sharp where the targets agree; a power
+    below 1 (concave) costs more between two targets than at either, so an output torn between
+    two modes is pushed to one of them rather than left between."""
     err = raw - target
     err = torch.where(target >= 1.0, err.clamp(max=0.0), err)
     err = torch.where(target <= -1.0, err.clamp(min=0.0), err)
-    return (err.abs() ** power).mean()
+    size = err.abs() if power >= 1 else err.abs() + 1e-3  # |e|^p, p < 1, has an infinite slope at 0
+    return (size ** power).mean()
 
 
 def energy_score_loss(student_samples: torch.Tensor, teacher_samples: torch.Tensor) -> torch.Tensor:
@@ -134,12 +137,30 @@ def energy_score_loss(student_samples: torch.Tensor, teacher_samples: torch.Tens
 
 METHODS = ("ot", "stepwise", "regression", "l1", "energy")
 """Distillation objectives: ``ot`` (a map of the initial noise a_T only, regressed onto teacher
-samples paired with its inputs by optimal transport, state by state: the monotone map from the
-Gaussian to the teacher's distribution), ``stepwise`` (shared noise; each student step regresses onto its
+samples paired with its inputs by optimal transport, state by state, on a training set drawn once:
+the monotone map from the Gaussian to the teacher's distribution; :func:`ot_dataset`),
+``stepwise`` (shared noise; each student step regresses onto its
 stretch of the teacher's chain, starting from the teacher's own state there, squared error),
 ``regression`` (shared noise, squared error on the final action only), ``l1`` (the same with
 absolute error) or ``energy`` (the energy score on independent draws: the student learns the
 distribution, not the teacher's noise-to-action pairing). With K=1 ``stepwise`` is ``regression``."""
+
+DEFAULTS = {"iterations": 3000, "draws": 16}
+"""Distillation iterations and samples per state (energy, ot) where a method has no default of its own."""
+METHOD_DEFAULTS = {"ot": {"iterations": 20_000, "draws": 256}}
+"""ot trains on a fixed set (no teacher call per iteration: cheap iterations, and more of them)
+and needs many draws per state: with m draws the pairing puts each step between two modes at
+an empirical quantile that is off by about 1/sqrt(m), and the student learns that blur."""
+OT_PAIRS = 2 ** 19
+"""(state, draw) pairs in the ot training set: min(states available, OT_PAIRS // draws) states."""
+OT_POWER = 0.5
+"""ot's loss is |error|^0.5 (concave): between two modes it costs more than at either, so where the
+pairing's targets disagree the student takes one mode instead of their average or median."""
+
+
+def method_default(method: str, name: str) -> int:
+    """The default ``iterations`` or ``draws`` of distillation ``method``."""
+    return METHOD_DEFAULTS.get(method, {}).get(name, DEFAULTS[name])
 
 
 def ot_pairing(noise: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
@@ -154,6 +175,23 @@ def ot_pairing(noise: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
     cost = torch.cdist(noise, samples).pow(2).cpu().numpy()
     order = torch.stack([torch.as_tensor(linear_sum_assignment(c)[1]) for c in cost])  # [S, m]
     return torch.gather(samples, 1, order[..., None].expand_as(samples).to(samples.device))
+
+
+def ot_dataset(teacher: DiffusionPolicy, states: torch.Tensor, draws: int, gen: torch.Generator,
+               pairs: int = OT_PAIRS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ot method's training set, drawn once: (state index [P], a_T [P, act], partner [P, act]).
+
+    At each of min(len(states), pairs // draws) states, ``draws`` initial noises a_T and as many
+    teacher samples (independent noise) are paired by :func:`ot_pairing`."""
+    spec = teacher.spec
+    n = min(len(states), max(1, pairs // draws))
+    index = torch.randperm(len(states), generator=gen)[:n].repeat_interleave(draws)
+    with torch.no_grad():
+        samples = torch.cat([teacher.sample(states[i], torch.randn(len(i), spec.diffusion_steps, spec.act_dim, generator=gen))
+                             for i in index.split(8192)])
+    a_T = torch.randn(n, draws, spec.act_dim, generator=gen)
+    partner = ot_pairing(a_T, samples.view(n, draws, spec.act_dim))
+    return index, a_T.view(-1, spec.act_dim), partner.view(-1, spec.act_dim)
 
 
 def stepwise_loss(student: StudentPolicy, teacher: DiffusionPolicy, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -180,55 +218,59 @@ def distill(
     hidden_dim: int = 256,
     num_layers: int = 2,
     activation: str = "relu",
-    iterations: int = 3000,
+    iterations: int | None = None,
     batch_size: int = 512,
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
     method: str = "regression",
-    draws: int = 16,
+    draws: int | None = None,
 ) -> tuple[StudentPolicy, list[float]]:
     """Train a K-step student on ``states`` [N, obs_dim]; returns it and the loss curve.
 
-    ``method``: one of :data:`METHODS`; ``draws``: samples per state for the energy score (the
-    batch is then batch_size // draws states x draws samples)."""
+    ``method``: one of :data:`METHODS`; ``iterations`` and ``draws`` (samples per state for energy
+    and ot): None takes :func:`method_default`. energy's batch is batch_size // draws states x
+    draws samples; ot's is batch_size pairs of its fixed training set (:func:`ot_dataset`)."""
     if method not in METHODS:
         raise ValueError(f"distillation method must be one of {', '.join(METHODS)}, got {method!r}")
+    iterations = method_default(method, "iterations") if iterations is None else iterations
+    draws = method_default(method, "draws") if draws is None else draws
     spec = teacher.spec
+    T, A = spec.diffusion_steps, spec.act_dim
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    student = StudentPolicy(spec.obs_dim, spec.act_dim, spec.diffusion_steps, student_steps, hidden_dim, num_layers,
+    student = StudentPolicy(spec.obs_dim, A, T, student_steps, hidden_dim, num_layers,
                             activation, clip_steps=method == "stepwise" and spec.clip_sample, all_noise=method != "ot")
+    if method == "ot":
+        ot_index, ot_noise, ot_partner = ot_dataset(teacher, states, draws, gen)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / iterations)))
     losses = []
     bar = tqdm(range(iterations), desc="distilling", unit="it", disable=not progress, dynamic_ncols=True)
-    warm = 0 if method in ("energy", "ot") else iterations
-    for i in bar:
-        if i < warm:
+    for _ in bar:
+        if method == "ot":
+            pick = torch.randint(0, len(ot_index), (batch_size,), generator=gen)
+            noise = torch.zeros(batch_size, T, A)
+            noise[:, 0] = ot_noise[pick]  # the only noise an a_T map reads
+            loss = bounded_regression_loss(student.raw(states[ot_index[pick]], noise), ot_partner[pick], OT_POWER)
+        elif method == "energy":
+            n_states = max(1, batch_size // draws)
+            idx = torch.randint(0, states.shape[0], (n_states,), generator=gen)
+            obs = states[idx].repeat_interleave(draws, 0)
+            shape = (n_states * draws, T, A)
+            with torch.no_grad():  # independent noise: the teacher's draws are not paired with the student's
+                target = teacher.sample(obs, torch.randn(shape, generator=gen)).view(n_states, draws, -1)
+            loss = energy_score_loss(student(obs, torch.randn(shape, generator=gen)).view(n_states, draws, -1), target)
+        else:  # shared noise: regression, l1, stepwise
             idx = torch.randint(0, states.shape[0], (batch_size,), generator=gen)
             obs = states[idx]
-            noise = torch.randn(batch_size, spec.diffusion_steps, spec.act_dim, generator=gen)
+            noise = torch.randn(batch_size, T, A, generator=gen)
             if method == "stepwise":
                 loss = stepwise_loss(student, teacher, obs, noise)
             else:
                 with torch.no_grad():
                     target = teacher.sample(obs, noise)
                 loss = bounded_regression_loss(student.raw(obs, noise), target, 1.0 if method == "l1" else 2.0)
-        else:
-            n_states = max(1, batch_size // draws)
-            idx = torch.randint(0, states.shape[0], (n_states,), generator=gen)
-            obs = states[idx].repeat_interleave(draws, 0)
-            shape = (n_states * draws, spec.diffusion_steps, spec.act_dim)
-            with torch.no_grad():  # independent noise: the teacher's draws are not paired with the student's
-                target = teacher.sample(obs, torch.randn(shape, generator=gen)).view(n_states, draws, -1)
-            noise = torch.randn(shape, generator=gen)
-            if method == "ot":
-                target = ot_pairing(noise[:, 0].view(n_states, draws, -1), target)
-                # absolute error: the median of the targets at each noise, a sharp step between modes
-                loss = bounded_regression_loss(student.raw(obs, noise), target.reshape(n_states * draws, -1), 1.0)
-            else:
-                loss = energy_score_loss(student(obs, noise).view(n_states, draws, -1), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -38,6 +38,7 @@ import io
 import json
 import math
 import os
+import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -520,7 +521,7 @@ def _plot_curves(report: Report, path: Path) -> None:
     options, tasks, colors = report.options, report.tasks, _colors(report)
     ncols = min(3, len(tasks))
     nrows = math.ceil(len(tasks) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4 * nrows), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 5.5 * nrows), dpi=100, squeeze=False)
     for ax, task in zip(axes.flat, tasks):
         members: dict[tuple[bool, str], list[Curve]] = {}
         for c in report.curves:
@@ -533,14 +534,15 @@ def _plot_curves(report: Report, path: Path) -> None:
             matrix = np.stack([np.interp(grid, c.frames, c.returns) for c in group])
             mean, low, high = curve_band(matrix, options.reps, options.confidence, options.seed)
             style = ("--o" if len(grid) == 1 else "--") if key[0] else "-"  # a baseline of one point: a marker
-            ax.plot(grid, mean, style, color=colors[key], label=f"{_display(key[1], key[0])} (n={len(group)})")
+            label = textwrap.fill(f"{_display(key[1], key[0])} (n={len(group)})", 60)  # long --label-by labels
+            ax.plot(grid, mean, style, color=colors[key], label=label)
             if low is not None:
                 ax.fill_between(grid, low, high, color=colors[key], alpha=0.2, linewidth=0)
         for b in report.budgets:
             ax.axvline(b, color="gray", linestyle=":", linewidth=0.8)
         ax.set(title=task, xlabel="frames", ylabel="eval return")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", loc="upper left")
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15))  # below: the curves stay visible
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     fig.suptitle(f"Eval return vs frames: mean over runs, {options.confidence:.0%} bootstrap CI")

@@ -48,7 +48,7 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     p.add_argument("--teacher", action="store_true", help="export the full T-step DDPM chain instead of a student")
     p.add_argument("--force", action="store_true", help="write the model even when a gate fails")
     p.add_argument("--distill-iterations", type=int, default=d.distill_iterations, help="student training iterations (default: " + _per_method("iterations") + ")")
-    p.add_argument("--distill-batch", type=int, default=d.distill_batch, help="states per distillation iteration")
+    p.add_argument("--distill-batch", type=int, default=d.distill_batch, help="states per distillation iteration (ot: pairs of its training set)")
     p.add_argument("--student-hidden", type=int, default=d.student_hidden, help="student MLP width")
     p.add_argument("--student-layers", type=int, default=d.student_layers, help="student hidden layers")
     p.add_argument("--student-activation", choices=["relu", "silu", "mish"], default=d.student_activation,

@@ -109,7 +109,8 @@ def test_envelope_widens_observed_ranges_and_limits_changes_within_the_actuator_
 
 
 def test_calibrate_then_serve_with_the_record(tmp_path, tiny_model):
-    # 50 Hz and up to 90% of the period for the budget: a loaded machine (p99.9 of several ms)
+    # 50 Hz, up to 90% of the period and a margin of 1.5 for the budget: a loaded machine (p99.9 up
+    # to 12 ms; one 10.6 ms stall in 200 calls was seen in CI)
     # still gets a record, so this tests the procedure, not the host.
     profile = write_profile(tmp_path, rate_hz=50, check_control_period=False)
     out = subprocess.run(SERVE + ["run", "--model", str(tiny_model), "--profile", str(profile)],
@@ -118,7 +119,7 @@ def test_calibrate_then_serve_with_the_record(tmp_path, tiny_model):
     record_path = tmp_path / "calib" / "cal.json"
     cal = subprocess.run(SERVE + ["calibrate", "--model", str(tiny_model), "--profile", str(profile), "--name", "cal",
                                   "--out", str(record_path), "--latency-calls", "200", "--episodes", "1",
-                                  "--max-budget-fraction", "0.9"],
+                                  "--max-budget-fraction", "0.9", "--budget-margin", "1.5"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert cal.returncode == 0, cal.stderr
     assert "== qsm-serve calibrate ==" in cal.stdout and "max_delta_per_tick" in cal.stdout

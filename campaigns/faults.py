@@ -556,8 +556,13 @@ def fault_spikes_consecutive(model: Path, work_dir: Path, profile_path: Path, sp
         problems.append(f"safe-stop reasons {summary['safe_stop_reasons']}, expected [{reason!r}]")
     if summary["final_state"] != "SAFE_STOP":
         problems.append(f"final state {summary['final_state']}")
-    if summary["misses"] != limit or summary["injected_stalls"] != limit:
-        problems.append(f"misses {summary['misses']}, stalls {summary['injected_stalls']}, expected {limit} each")
+    # Every miss is a stall, except when the VM descheduled the node so long that a state's budget was
+    # spent before the policy call (a miss without a call): those count toward the limit too.
+    if summary["misses"] != limit:
+        problems.append(f"misses {summary['misses']}, expected {limit}")
+    if not 0 < info["injected_stalls"] <= limit or info["injected_stalls"] + info["natural_misses"] != summary["misses"]:
+        problems.append(f"stalls {info['injected_stalls']} + misses without a stall {info['natural_misses']} != "
+                        f"misses {summary['misses']}")
     return row("spikes on every call", not problems,
                f"SAFE_STOP after {summary['misses']} consecutive misses ({summary['injected_stalls']} stalls)",
                f"{limit} misses", "max_consecutive_misses",

@@ -14,6 +14,7 @@ from qsm_robot.envs import env_info, make_env
 from qsm_robot.export import exporter
 from qsm_robot.export.contract import ContractError, ModelContract
 from qsm_robot.export.runtime import make_session, read_contract
+from qsm_robot.export.mixture import MixtureStudent
 from qsm_robot.export.student import ActuatorPolicy, StudentPolicy, TeacherSampler
 from qsm_robot.policy_io import PolicyIO
 from qsm_robot.qsm.policy import DiffusionPolicy, PolicySpec, load_policy
@@ -50,14 +51,15 @@ def contract_for(spec: PolicySpec) -> ModelContract:
 def exported_pair(kind: str):
     torch.manual_seed(0)
     spec = tiny_spec()
-    sampler = StudentPolicy(4, 2, spec.diffusion_steps, steps=2, hidden_dim=16) if kind == "student" \
-        else TeacherSampler(DiffusionPolicy(spec))
+    sampler = {"student": lambda: StudentPolicy(4, 2, spec.diffusion_steps, steps=2, hidden_dim=16),
+               "mixture": lambda: MixtureStudent(4, 2, spec.diffusion_steps, hidden_dim=16),
+               "teacher": lambda: TeacherSampler(DiffusionPolicy(spec))}[kind]()
     module = ActuatorPolicy(sampler, spec.io.action_low, spec.io.action_high).eval()
     model = exporter.to_onnx(module, spec.io.obs_dim, (spec.diffusion_steps, spec.io.act_dim), contract_for(spec))
     return spec, module, model
 
 
-@pytest.mark.parametrize("kind", ["student", "teacher"])
+@pytest.mark.parametrize("kind", ["student", "mixture", "teacher"])
 def test_onnx_matches_torch_and_has_no_random_ops(kind):
     spec, module, model = exported_pair(kind)
     gate = exporter.check_graph(model)
@@ -73,7 +75,7 @@ def test_onnx_matches_torch_and_has_no_random_ops(kind):
     assert np.abs(ours - ref).max() <= 1e-5
 
 
-@pytest.mark.parametrize("kind", ["student", "teacher"])
+@pytest.mark.parametrize("kind", ["student", "mixture", "teacher"])
 def test_actions_are_rescaled_to_and_clipped_at_the_actuator_bounds(kind):
     spec, module, model = exported_pair(kind)
     session = make_session(model.SerializeToString())
@@ -144,6 +146,18 @@ def test_cli_exports_a_verified_model_with_its_contract_and_report(run_dir, tmp_
     assert parity["tolerance"] == pytest.approx(parity["base_tolerance"] + 2 * parity["torch_float32_error"])
     assert out.with_suffix(".actions.png").stat().st_size > 10_000
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_mixture_student_exports_through_the_cli_with_rollout_states_only(run_dir, tmp_path, capsys):
+    out = tmp_path / "mixture.onnx"
+    assert export_main([str(run_dir), "--out", str(out), "--min-retention", "0", "--distill-method", "mixture",
+                        "--replay-states", "0"] + FAST) == 0
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "(without replay buffer)" in text and "qsm-export summary: PASSED" in text
+    contract = read_contract(make_session(out))
+    assert (contract.sampler, contract.sampler_steps, contract.noise_shape) == ("student", 1, ["batch", 5, 1])
+    assert contract.verification["parity"]["max_abs_diff"] <= 1e-5
 
 
 def test_teacher_export_matches_the_torch_sampler(run_dir, tmp_path):
@@ -235,6 +249,7 @@ def damage(run_dir, tmp_path, how):
     ("corrupt", "cannot read the policy"),
     ("version", "policy format version 3 is not supported"),
     ("K>T", "--student-steps must be in 1..5"),
+    ("mixture K=2", "mixture makes one network evaluation per action"),
     ("unwritable", "cannot write to"),
     ("suffix", "must name a .onnx file"),
 ])
@@ -246,6 +261,8 @@ def test_bad_input_is_one_clear_line(run_dir, tmp_path, capsys, case, message):
         source = str(damage(run_dir, tmp_path, case))
     elif case == "K>T":
         extra = ["--student-steps", "6"]
+    elif case == "mixture K=2":
+        extra = ["--student-steps", "2", "--distill-method", "mixture"]
     elif case == "unwritable":
         blocker = tmp_path / "file"
         blocker.write_text("")
@@ -256,6 +273,13 @@ def test_bad_input_is_one_clear_line(run_dir, tmp_path, capsys, case, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--replay-states", "-1"), ("--state-episodes", "0"), ("--min-retention", "2")])
+def test_out_of_range_options_are_usage_errors(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["run", "--out", "m.onnx", flag, value])
+    assert exit_info.value.code == 2 and f"{flag} must be" in capsys.readouterr().err
 
 
 def test_contract_and_runtime_import_no_torch():

@@ -90,9 +90,10 @@ class BimodalTeacher:
         return torch.sign(torch.sin(40 * noise[:, 0, :1]) + 1e-6)
 
 
-@pytest.mark.parametrize("method,keeps_modes", [("regression", False), ("energy", True), ("ot", True)])
+@pytest.mark.parametrize("method,keeps_modes", [("regression", False), ("energy", True), ("ot", True),
+                                                ("mixture", True)])
 def test_distillation_objectives_on_a_bimodal_teacher(method, keeps_modes):
-    """The energy and ot students put their mass on the modes; the squared-error student, regressing
+    """The energy, ot and mixture students put their mass on the modes; the squared-error student, regressing
     onto targets that flip between the modes from one noise draw to the next, learns their average."""
     from qsm_robot.export.student import distill
 
@@ -116,7 +117,7 @@ def test_distillation_objectives_on_a_bimodal_teacher(method, keeps_modes):
 def test_methods_are_validated():
     from qsm_robot.export.student import distill
 
-    assert set(METHODS) == {"ot", "stepwise", "regression", "l1", "energy"}
+    assert set(METHODS) == {"mixture", "ot", "stepwise", "regression", "l1", "energy"}
     with pytest.raises(ValueError, match="must be one of"):
         distill(BimodalTeacher(), torch.zeros(4, 3), iterations=1, progress=False, method="adversarial")
     assert StudentPolicy(3, 1, 5).forward(torch.zeros(2, 3), torch.zeros(2, 5, 1)).shape == (2, 1)

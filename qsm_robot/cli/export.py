@@ -48,13 +48,15 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     p.add_argument("--teacher", action="store_true", help="export the full T-step DDPM chain instead of a student")
     p.add_argument("--force", action="store_true", help="write the model even when a gate fails")
     p.add_argument("--distill-iterations", type=int, default=d.distill_iterations, help="student training iterations (default: " + _per_method("iterations") + ")")
-    p.add_argument("--distill-batch", type=int, default=d.distill_batch, help="states per distillation iteration (ot: pairs of its training set)")
+    p.add_argument("--distill-batch", type=int, default=d.distill_batch, help="states per distillation iteration (ot, mixture: rows of their fixed training sets)")
     p.add_argument("--student-hidden", type=int, default=d.student_hidden, help="student MLP width")
     p.add_argument("--student-layers", type=int, default=d.student_layers, help="student hidden layers")
     p.add_argument("--student-activation", choices=["relu", "silu", "mish"], default=d.student_activation,
                    help="student activation (relu fuses into the Gemm in onnxruntime: fastest)")
     p.add_argument("--distill-method", choices=list(METHODS), default=d.distill_method,
-                   help="distillation objective: regression (shared noise, squared error), l1 (shared noise, absolute "
+                   help="distillation objective: mixture (a mixture of Gaussians per state fitted to teacher samples "
+                        "by maximum likelihood; the noise picks a component, then a point in it), "
+                        "regression (shared noise, squared error), l1 (shared noise, absolute "
                         "error), stepwise (each of the K student steps onto its stretch of the teacher's chain), "
                         "energy (the energy score on independent draws) or ot (a map of a_T, paired with teacher "
                         "samples by optimal transport); docs/EXPORT.md")
@@ -69,9 +71,11 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     p.add_argument("--enforce-distribution", action="store_true",
                    help="refuse the export when the distribution gate fails (default: report it and warn)")
     p.add_argument("--distill-draws", type=int, default=d.distill_draws,
-                   help="samples per state for the methods that compare distributions (energy, ot; default: "
+                   help="samples per state for the methods that compare distributions (energy, ot, mixture; default: "
                         + _per_method("draws") + ")")
     p.add_argument("--state-episodes", type=int, default=d.state_episodes, help="teacher rollouts that provide distillation states")
+    p.add_argument("--replay-states", type=int, default=d.replay_states,
+                   help="at most this many replay-buffer observations join the rollout states (0: none)")
     p.add_argument("--eval-episodes", type=int, default=d.eval_episodes, help="episodes for the return-retention gate")
     p.add_argument("--min-retention", type=float, default=d.min_retention, help="gate: exported mean return / teacher mean return")
     p.add_argument("--parity-samples", type=int, default=d.parity_samples, help="(obs, noise) pairs for the parity gate")
@@ -84,6 +88,8 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
                  "eval_episodes", "parity_samples", "latency_calls", "fidelity_states", "fidelity_samples"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.replay_states < 0:
+        p.error(f"--replay-states must be >= 0, got {a.replay_states}")
     if not 0 <= a.min_retention <= 1:
         p.error(f"--min-retention must be in [0, 1], got {a.min_retention}")
     for name in ("max_w1", "max_w1_worst", "max_off_support"):
@@ -92,7 +98,7 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     opts = ExportOptions(
         out=a.out, student_steps=a.student_steps, teacher=a.teacher, force=a.force,
         distill_iterations=a.distill_iterations, distill_batch=a.distill_batch, student_hidden=a.student_hidden,
-        student_layers=a.student_layers, student_activation=a.student_activation, state_episodes=a.state_episodes, eval_episodes=a.eval_episodes,
+        student_layers=a.student_layers, student_activation=a.student_activation, state_episodes=a.state_episodes, replay_states=a.replay_states, eval_episodes=a.eval_episodes,
         min_retention=a.min_retention, parity_samples=a.parity_samples, parity_tol=a.parity_tol,
         latency_calls=a.latency_calls, seed=a.seed, progress=sys.stderr.isatty(), distill_method=a.distill_method, distill_draws=a.distill_draws,
         fidelity_states=a.fidelity_states, fidelity_samples=a.fidelity_samples,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from qsm_robot.export.mixture import MixtureStudent, censored_mixture_nll
 from qsm_robot.qsm.networks import Mish
 from qsm_robot.qsm.policy import DiffusionPolicy
 from qsm_robot.qsm.sampler import ddpm_sample
@@ -135,8 +136,10 @@ def energy_score_loss(student_samples: torch.Tensor, teacher_samples: torch.Tens
     return (cross - 0.5 * self_pairs).mean()
 
 
-METHODS = ("ot", "stepwise", "regression", "l1", "energy")
-"""Distillation objectives: ``ot`` (a map of the initial noise a_T only, regressed onto teacher
+METHODS = ("mixture", "ot", "stepwise", "regression", "l1", "energy")
+"""Distillation objectives: ``mixture`` (a mixture of Gaussians per state, one network evaluation,
+fitted by maximum likelihood to a fixed set of teacher samples; the noise picks a component, then
+a point in it: :mod:`qsm_robot.export.mixture`), ``ot`` (a map of the initial noise a_T only, regressed onto teacher
 samples paired with its inputs by optimal transport, state by state, on a training set drawn once:
 the monotone map from the Gaussian to the teacher's distribution; :func:`ot_dataset`),
 ``stepwise`` (shared noise; each student step regresses onto its
@@ -147,10 +150,11 @@ distribution, not the teacher's noise-to-action pairing). With K=1 ``stepwise`` 
 
 DEFAULTS = {"iterations": 3000, "draws": 16}
 """Distillation iterations and samples per state (energy, ot) where a method has no default of its own."""
-METHOD_DEFAULTS = {"ot": {"iterations": 20_000, "draws": 256}}
-"""ot trains on a fixed set (no teacher call per iteration: cheap iterations, and more of them)
-and needs many draws per state: with m draws the pairing puts each step between two modes at
-an empirical quantile that is off by about 1/sqrt(m), and the student learns that blur."""
+METHOD_DEFAULTS = {"ot": {"iterations": 20_000, "draws": 256}, "mixture": {"iterations": 20_000, "draws": 16}}
+"""ot and mixture train on a fixed set (no teacher call per iteration: cheap iterations, and more
+of them). ot needs many draws per state: with m draws the pairing puts each step between two modes
+at an empirical quantile that is off by about 1/sqrt(m), and the student learns that blur. The
+mixture's likelihood needs no pairing, so its set spreads over more states instead."""
 OT_PAIRS = 2 ** 19
 """(state, draw) pairs in the ot training set: min(states available, OT_PAIRS // draws) states."""
 OT_POWER = 0.5
@@ -177,21 +181,31 @@ def ot_pairing(noise: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
     return torch.gather(samples, 1, order[..., None].expand_as(samples).to(samples.device))
 
 
-def ot_dataset(teacher: DiffusionPolicy, states: torch.Tensor, draws: int, gen: torch.Generator,
-               pairs: int = OT_PAIRS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ot method's training set, drawn once: (state index [P], a_T [P, act], partner [P, act]).
-
-    At each of min(len(states), pairs // draws) states, ``draws`` initial noises a_T and as many
-    teacher samples (independent noise) are paired by :func:`ot_pairing`."""
+def teacher_draws(teacher: DiffusionPolicy, states: torch.Tensor, draws: int, gen: torch.Generator,
+                  pairs: int = OT_PAIRS) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed training set of teacher samples: (state index [P], sample [P, act]), ``draws``
+    independent samples at each of min(len(states), pairs // draws) states, grouped by state."""
     spec = teacher.spec
     n = min(len(states), max(1, pairs // draws))
     index = torch.randperm(len(states), generator=gen)[:n].repeat_interleave(draws)
     with torch.no_grad():
         samples = torch.cat([teacher.sample(states[i], torch.randn(len(i), spec.diffusion_steps, spec.act_dim, generator=gen))
                              for i in index.split(8192)])
-    a_T = torch.randn(n, draws, spec.act_dim, generator=gen)
-    partner = ot_pairing(a_T, samples.view(n, draws, spec.act_dim))
-    return index, a_T.view(-1, spec.act_dim), partner.view(-1, spec.act_dim)
+    return index, samples
+
+
+def ot_dataset(teacher: DiffusionPolicy, states: torch.Tensor, draws: int, gen: torch.Generator,
+               pairs: int = OT_PAIRS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ot method's training set, drawn once: (state index [P], a_T [P, act], partner [P, act]).
+
+    At each state of :func:`teacher_draws`, ``draws`` initial noises a_T and the state's teacher
+    samples are paired by :func:`ot_pairing`."""
+    index, samples = teacher_draws(teacher, states, draws, gen, pairs)
+    A = teacher.spec.act_dim
+    n = len(index) // draws
+    a_T = torch.randn(n, draws, A, generator=gen)
+    partner = ot_pairing(a_T, samples.view(n, draws, A))
+    return index, a_T.view(-1, A), partner.view(-1, A)
 
 
 def stepwise_loss(student: StudentPolicy, teacher: DiffusionPolicy, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -225,12 +239,13 @@ def distill(
     progress: bool = True,
     method: str = "regression",
     draws: int | None = None,
-) -> tuple[StudentPolicy, list[float]]:
+) -> tuple[StudentPolicy | MixtureStudent, list[float]]:
     """Train a K-step student on ``states`` [N, obs_dim]; returns it and the loss curve.
 
-    ``method``: one of :data:`METHODS`; ``iterations`` and ``draws`` (samples per state for energy
-    and ot): None takes :func:`method_default`. energy's batch is batch_size // draws states x
-    draws samples; ot's is batch_size pairs of its fixed training set (:func:`ot_dataset`)."""
+    ``method``: one of :data:`METHODS`; ``iterations`` and ``draws`` (samples per state for energy,
+    ot and mixture): None takes :func:`method_default`. energy's batch is batch_size // draws states
+    x draws samples; ot's and mixture's are batch_size rows of their fixed training sets
+    (:func:`ot_dataset`, :func:`teacher_draws`). A mixture student has one step (K=1)."""
     if method not in METHODS:
         raise ValueError(f"distillation method must be one of {', '.join(METHODS)}, got {method!r}")
     iterations = method_default(method, "iterations") if iterations is None else iterations
@@ -239,20 +254,33 @@ def distill(
     T, A = spec.diffusion_steps, spec.act_dim
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    student = StudentPolicy(spec.obs_dim, A, T, student_steps, hidden_dim, num_layers,
-                            activation, clip_steps=method == "stepwise" and spec.clip_sample, all_noise=method != "ot")
+    if method == "mixture":
+        if student_steps != 1:
+            raise ValueError(f"the mixture student makes one network evaluation per action; got {student_steps} steps")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"student activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        student = MixtureStudent(spec.obs_dim, A, T, hidden_dim=hidden_dim, num_layers=num_layers,
+                                 activation=ACTIVATIONS[activation])
+        student.fit_input(states)
+        fixed_index, fixed_target = teacher_draws(teacher, states, draws, gen)
+    else:
+        student = StudentPolicy(spec.obs_dim, A, T, student_steps, hidden_dim, num_layers,
+                                activation, clip_steps=method == "stepwise" and spec.clip_sample, all_noise=method != "ot")
     if method == "ot":
-        ot_index, ot_noise, ot_partner = ot_dataset(teacher, states, draws, gen)
+        fixed_index, ot_noise, fixed_target = ot_dataset(teacher, states, draws, gen)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / iterations)))
     losses = []
     bar = tqdm(range(iterations), desc="distilling", unit="it", disable=not progress, dynamic_ncols=True)
     for _ in bar:
-        if method == "ot":
-            pick = torch.randint(0, len(ot_index), (batch_size,), generator=gen)
+        if method == "mixture":
+            pick = torch.randint(0, len(fixed_index), (batch_size,), generator=gen)
+            loss = censored_mixture_nll(*student.mixture(states[fixed_index[pick]]), fixed_target[pick])
+        elif method == "ot":
+            pick = torch.randint(0, len(fixed_index), (batch_size,), generator=gen)
             noise = torch.zeros(batch_size, T, A)
             noise[:, 0] = ot_noise[pick]  # the only noise an a_T map reads
-            loss = bounded_regression_loss(student.raw(states[ot_index[pick]], noise), ot_partner[pick], OT_POWER)
+            loss = bounded_regression_loss(student.raw(states[fixed_index[pick]], noise), fixed_target[pick], OT_POWER)
         elif method == "energy":
             n_states = max(1, batch_size // draws)
             idx = torch.randint(0, states.shape[0], (n_states,), generator=gen)

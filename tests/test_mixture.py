@@ -1,0 +1,68 @@
+"""The mixture student (qsm_robot/export/mixture.py): its censored likelihood and its sampler."""
+
+import math
+
+import pytest
+import torch
+
+from qsm_robot.export.mixture import MixtureStudent, censored_mixture_nll
+
+
+def fixed(student: MixtureStudent, logits, mean, log_std):
+    """Make ``student`` give the same mixture at every state."""
+    B = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    student.mixture = lambda obs: (B(logits).expand(len(obs), -1), B(mean).expand(len(obs), -1, -1),
+                                   B(log_std).expand(len(obs), -1, -1))
+    return student
+
+
+def test_the_likelihood_is_the_density_inside_and_the_clipped_mass_on_a_bound():
+    logits, mean, log_std = torch.zeros(1, 1), torch.tensor([[[0.5]]]), torch.tensor([[[math.log(0.5)]]])
+    normal = torch.distributions.Normal(0.5, 0.5)
+    inside = censored_mixture_nll(logits, mean, log_std, torch.tensor([[0.2]]))
+    assert inside.item() == pytest.approx(-normal.log_prob(torch.tensor(0.2)).item(), abs=1e-5)
+    upper = censored_mixture_nll(logits, mean, log_std, torch.tensor([[1.0]]))  # P(X >= 1) = P(Z >= 1)
+    assert upper.item() == pytest.approx(-math.log(1 - normal.cdf(torch.tensor(1.0)).item()), abs=1e-5)
+    lower = censored_mixture_nll(logits, mean, log_std, torch.tensor([[-1.0]]))  # P(X <= -1) = P(Z <= -3)
+    assert lower.item() == pytest.approx(-math.log(normal.cdf(torch.tensor(-1.0)).item()), abs=1e-4)
+
+
+def test_a_mixture_scores_a_sample_by_its_components_weights():
+    # two narrow components at -0.5 (weight 1/4) and +0.5 (weight 3/4): a sample at +0.5 is 3x as likely
+    logits = torch.log(torch.tensor([[0.25, 0.75]]))
+    mean, log_std = torch.tensor([[[-0.5], [0.5]]]), torch.full((1, 2, 1), math.log(0.01))
+    nll = {x: censored_mixture_nll(logits, mean, log_std, torch.tensor([[x]])).item() for x in (-0.5, 0.5, 0.0)}
+    assert nll[-0.5] - nll[0.5] == pytest.approx(math.log(3), abs=1e-4)
+    assert nll[0.0] > nll[0.5] + 1000  # between the modes: no mass
+
+
+def test_the_noise_picks_components_by_weight_and_samples_stay_in_them():
+    student = fixed(MixtureStudent(3, 2, teacher_steps=5, components=3, hidden_dim=8),
+                    [math.log(0.2), math.log(0.3), math.log(0.5)],
+                    [[-0.6, 0.0], [0.1, 0.0], [2.0, -3.0]], [[-5.0, -5.0]] * 3)
+    g = torch.Generator().manual_seed(0)
+    a = student(torch.zeros(20_000, 3), torch.randn(20_000, 5, 2, generator=g))
+    share = [((a[:, 0] - m).abs() < 0.05).float().mean().item() for m in (-0.6, 0.1, 1.0)]  # the third is clipped
+    assert share == pytest.approx([0.2, 0.3, 0.5], abs=0.015)
+    assert sum(share) == pytest.approx(1.0)  # nothing between the components
+    assert (a[:, 1][a[:, 0] == 1.0] == -1.0).all()  # clipped to [-1, 1] in every dimension
+
+
+def test_only_two_noise_rows_are_read():
+    torch.manual_seed(0)
+    student = MixtureStudent(3, 2, teacher_steps=5, hidden_dim=8)
+    obs, noise = torch.randn(16, 3), torch.randn(16, 5, 2)
+    other = noise.clone()
+    other[:, 2:] = torch.randn(16, 3, 2)
+    other[:, 1, 1] = 7.0
+    assert torch.equal(student(obs, noise), student(obs, other))
+    moved = noise.clone()
+    moved[:, 0] += 0.5
+    assert not torch.equal(student(obs, noise), student(obs, moved))
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="two noise rows"):
+        MixtureStudent(3, 1, teacher_steps=1)
+    with pytest.raises(ValueError, match="components must be >= 1"):
+        MixtureStudent(3, 1, teacher_steps=5, components=0)

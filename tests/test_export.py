@@ -212,6 +212,20 @@ def test_a_broken_student_fails_the_retention_gate_and_leaves_no_file(run_dir, t
     assert "gate(s) failed: distribution" in capsys.readouterr().err and not out2.exists()
 
 
+def test_a_student_that_outputs_nan_is_refused_in_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    def nan_distill(teacher, *args, **kwargs):
+        student = StudentPolicy(5, 1, 5, steps=1, hidden_dim=8)
+        with torch.no_grad():
+            student.net[-1].bias.fill_(float("nan"))
+        return student.eval(), [0.0]
+
+    monkeypatch.setattr(exporter, "distill", nan_distill)
+    out = tmp_path / "nan.onnx"
+    assert export_main([str(run_dir), "--out", str(out), "--force"] + FAST) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "non-finite action" in err[-1] and list(tmp_path.iterdir()) == []
+
+
 def test_parity_gate_catches_a_graph_that_differs_from_torch(run_dir, tmp_path, monkeypatch, capsys):
     real = exporter.to_onnx
 

@@ -151,3 +151,13 @@ def test_stepwise_distillation_lowers_the_loss_and_clips_between_steps(K):
                               progress=False, method="stepwise")
     assert student.clip_steps and student.all_noise
     assert sum(losses[-30:]) < 0.5 * sum(losses[:30])
+
+
+def test_a_diverging_distillation_stops_with_a_clear_error():
+    class NanTeacher(CountingTeacher):
+        def sample(self, obs, noise):
+            return torch.full((len(obs), 1), float("nan"))
+
+    for method in ("mixture", "regression"):
+        with pytest.raises(ValueError, match="diverged at iteration 1"):
+            distill(NanTeacher(), torch.zeros(8, 2), iterations=5, batch_size=4, progress=False, method=method, draws=2)

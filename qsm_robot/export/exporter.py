@@ -114,8 +114,17 @@ def replay_states(checkpoint: Path, limit: int, rng: np.random.Generator) -> np.
 
 
 def rollout(policy_fn, task: str, action_repeat: int, episodes: int, seed: int, record=None, rescale=True) -> list[float]:
+    """Episodes of ``policy_fn``; ExportError if it outputs a non-finite action (the physics would
+    reject it with a traceback)."""
     envs = [make_env(task, seed=seed + i, action_repeat=action_repeat, rescale_actions=rescale) for i in range(episodes)]
-    return run_episodes(policy_fn, envs, record)
+
+    def checked(obs: np.ndarray) -> np.ndarray:
+        action = policy_fn(obs)
+        if not np.isfinite(action).all():
+            raise ExportError(f"the policy output a non-finite action on {task} (a diverged student?); nothing written")
+        return action
+
+    return run_episodes(checked, envs, record)
 
 
 def torch_policy_fn(module: torch.nn.Module, noise_shape: tuple, rng: np.random.Generator):
@@ -250,11 +259,14 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
         sampler: torch.nn.Module = TeacherSampler(teacher)
     else:
         t0 = time.perf_counter()
-        sampler, losses = distill(
-            teacher, torch.from_numpy(states), opts.student_steps, opts.student_hidden, opts.student_layers,
-            opts.student_activation, opts.distill_iterations, opts.distill_batch, seed=opts.seed, progress=opts.progress,
-            method=opts.distill_method, draws=opts.distill_draws,
-        )
+        try:
+            sampler, losses = distill(
+                teacher, torch.from_numpy(states), opts.student_steps, opts.student_hidden, opts.student_layers,
+                opts.student_activation, opts.distill_iterations, opts.distill_batch, seed=opts.seed,
+                progress=opts.progress, method=opts.distill_method, draws=opts.distill_draws,
+            )
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
         report.distill_seconds = round(time.perf_counter() - t0, 1)
         report.distill_final_loss = float(np.mean(losses[-100:]))
     exported = ActuatorPolicy(sampler, spec.action_low, spec.action_high).eval()

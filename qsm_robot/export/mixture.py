@@ -30,6 +30,9 @@ COMPONENTS = 8
 LOG_STD_RANGE = (-7.0, 1.0)
 """Bounds of a component's log standard deviation (in [-1, 1] action units): a mode of the
 teacher can be almost a point, and a broad component is never wider than the action range."""
+MEAN_RANGE = 3.0
+"""Component means are clamped to [-MEAN_RANGE, MEAN_RANGE]: past a bound only the mass the clip
+puts on it matters, and an unbounded mean can grow until its squared z overflows float32."""
 AT_BOUND = 1.0 - 1e-6
 """A target at or past +-AT_BOUND sits on the teacher's clip: a censored sample."""
 
@@ -69,7 +72,7 @@ class MixtureStudent(nn.Module):
         M, A = self.components, self.act_dim
         out = self.net((obs - self.obs_mean) / self.obs_std)
         logits = out[:, :M]
-        mean = out[:, M:M + M * A].reshape(-1, M, A)
+        mean = out[:, M:M + M * A].reshape(-1, M, A).clamp(-MEAN_RANGE, MEAN_RANGE)
         log_std = out[:, M + M * A:].reshape(-1, M, A).clamp(*LOG_STD_RANGE)
         return logits, mean, log_std
 

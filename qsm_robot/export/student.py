@@ -304,6 +304,9 @@ def distill(
         opt.step()
         schedule.step()
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise ValueError(f"distillation ({method}) diverged at iteration {len(losses)}: loss {losses[-1]}; "
+                             "try a lower learning rate or another --distill-method")
         if len(losses) % 100 == 0:
             bar.set_postfix_str(f"loss {np.mean(losses[-100:]):.2e}")
     return student.eval(), losses

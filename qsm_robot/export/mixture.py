@@ -30,7 +30,7 @@ COMPONENTS = 8
 LOG_STD_RANGE = (-7.0, 1.0)
 """Bounds of a component's log standard deviation (in [-1, 1] action units): a mode of the
 teacher can be almost a point, and a broad component is never wider than the action range."""
-MEAN_RANGE = 3.0
+MEAN_RANGE = 10.0
 """Component means are clamped to [-MEAN_RANGE, MEAN_RANGE]: past a bound only the mass the clip
 puts on it matters, and an unbounded mean can grow until its squared z overflows float32."""
 AT_BOUND = 1.0 - 1e-6

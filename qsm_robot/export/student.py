@@ -31,6 +31,13 @@ from qsm_robot.qsm.sampler import ddpm_sample
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "mish": Mish}
 
 
+def activation_class(name: str) -> type[nn.Module]:
+    """The student activation called ``name`` (a key of :data:`ACTIVATIONS`), or ValueError."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"student activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
 class StudentPolicy(nn.Module):
     """K-step student: (obs [B, obs_dim], noise [B, T, act_dim]) -> action in [-1, 1]."""
 
@@ -38,8 +45,7 @@ class StudentPolicy(nn.Module):
                  hidden_dim: int = 256, num_layers: int = 2, activation: str = "relu", clip_steps: bool = False,
                  all_noise: bool = True):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"student activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        act = activation_class(activation)
         if not 1 <= steps <= teacher_steps:
             raise ValueError(f"student steps must be in 1..{teacher_steps} (the teacher's T), got {steps}")
         self.obs_dim, self.act_dim, self.teacher_steps, self.steps = obs_dim, act_dim, teacher_steps, steps
@@ -48,7 +54,7 @@ class StudentPolicy(nn.Module):
         dims = [act_dim + obs_dim + (teacher_steps * act_dim if all_noise else 0) + steps] + [hidden_dim] * num_layers
         layers: list[nn.Module] = []
         for d_in, d_out in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(d_in, d_out), ACTIVATIONS[activation]()]
+            layers += [nn.Linear(d_in, d_out), act()]
         layers.append(nn.Linear(hidden_dim, act_dim))
         self.net = nn.Sequential(*layers)
         self.register_buffer("step_codes", torch.eye(steps))
@@ -257,10 +263,8 @@ def distill(
     if method == "mixture":
         if student_steps != 1:
             raise ValueError(f"the mixture student makes one network evaluation per action; got {student_steps} steps")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"student activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         student = MixtureStudent(spec.obs_dim, A, T, hidden_dim=hidden_dim, num_layers=num_layers,
-                                 activation=ACTIVATIONS[activation])
+                                 activation=activation_class(activation))
         student.fit_input(states)
         fixed_index, fixed_target = teacher_draws(teacher, states, draws, gen)
     else:

@@ -202,6 +202,12 @@ def resolve_device(device: str):
     raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
+SCALEFREE: dict[str, Any] = {
+    "hidden_dim": 256, "action_repeat": 2, "learning_starts": 2_500, "eval_every": 5_000,
+    "q_grad_normalize": True, "q_grad_scale": 5.0,
+}
+"""The scalefree preset's settings (below), which scalefree-utd2 extends."""
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The card's reference setup, exactly (the dataclass defaults).
     "reference": {},
@@ -218,10 +224,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The best measured so far (issue 11; README, "A candidate that holds on all four development
     # tasks"): the card's networks and 1-step target at 256 wide and action repeat 2, 5k frames of
     # random actions, and the scale-free actor target with M_q = 5 (grad_a Q over its running RMS).
-    "scalefree": {
-        "hidden_dim": 256, "action_repeat": 2, "learning_starts": 2_500, "eval_every": 5_000,
-        "q_grad_normalize": True, "q_grad_scale": 5.0,
-    },
+    "scalefree": SCALEFREE,
+    # The scalefree preset with two critic and actor updates per policy step (update-to-data ratio
+    # 2, in frames 1): issue 11's preset that competes (README, "Two updates per policy step").
+    "scalefree-utd2": {**SCALEFREE, "updates_per_step": 2},
     # Tiny networks and short intervals: tests, CI and quick looks. Learns nothing useful.
     "smoke": {
         "steps": 2_000, "hidden_dim": 32, "time_dim": 16, "fourier_dim": 8, "batch_size": 32,

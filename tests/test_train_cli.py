@@ -186,11 +186,11 @@ def test_threads_default_to_the_cpus_this_process_may_use():
         os.sched_setaffinity(0, mask)
 
 
-@pytest.mark.parametrize("name", ["reference", "fast", "strong", "scalefree", "smoke"])
+@pytest.mark.parametrize("name", ["reference", "fast", "strong", "scalefree", "scalefree-utd2", "smoke"])
 def test_every_preset_is_a_valid_config_that_differs_from_the_card_as_documented(name):
     from qsm_robot.config import PRESETS, TrainConfig, preset_config
 
-    assert set(PRESETS) == {"reference", "fast", "strong", "scalefree", "smoke"}  # the README's table
+    assert set(PRESETS) == {"reference", "fast", "strong", "scalefree", "scalefree-utd2", "smoke"}  # the README's table
     cfg = preset_config(name).validate()
     card = TrainConfig()
     differs = {f for f in PRESETS[name] if getattr(cfg, f) != getattr(card, f)}

@@ -139,6 +139,7 @@ def test_cli_exports_a_verified_model_with_its_contract_and_report(run_dir, tmp_
     assert contract.verification["parity"]["max_abs_diff"] <= 1e-5
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["passed"] and set(report["gates"]) == {"graph", "parity", "retention", "latency", "distribution"}
+    assert report["distill_method"] == "mixture" and "distillation      mixture," in text  # the K=1 default
     dist = report["gates"]["distribution"]  # measured on held-out states, reported, not enforced by default
     assert dist["enforced"] is False and dist["states"] == 32 and 0 <= dist["w1_mean"] <= dist["w1_worst"] <= 1
     assert "distribution      W1/range mean" in text
@@ -148,15 +149,16 @@ def test_cli_exports_a_verified_model_with_its_contract_and_report(run_dir, tmp_
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
 
-def test_a_mixture_student_exports_through_the_cli_with_rollout_states_only(run_dir, tmp_path, capsys):
-    out = tmp_path / "mixture.onnx"
-    assert export_main([str(run_dir), "--out", str(out), "--min-retention", "0", "--distill-method", "mixture",
+def test_a_two_step_student_defaults_to_regression_and_can_use_rollout_states_only(run_dir, tmp_path, capsys):
+    out = tmp_path / "k2.onnx"
+    assert export_main([str(run_dir), "--out", str(out), "--min-retention", "0", "--student-steps", "2",
                         "--replay-states", "0"] + FAST) == 0
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert "(without replay buffer)" in text and "qsm-export summary: PASSED" in text
+    assert json.loads(out.with_suffix(".report.json").read_text())["distill_method"] == "regression"
     contract = read_contract(make_session(out))
-    assert (contract.sampler, contract.sampler_steps, contract.noise_shape) == ("student", 1, ["batch", 5, 1])
+    assert (contract.sampler, contract.sampler_steps, contract.noise_shape) == ("student", 2, ["batch", 5, 1])
     assert contract.verification["parity"]["max_abs_diff"] <= 1e-5
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qsm_robot.export.mixture import MixtureStudent, censored_mixture_nll
+from qsm_robot.export.mixture import LOG_STD_RANGE, MixtureStudent, censored_mixture_nll, soft_clamp
 
 
 def fixed(student: MixtureStudent, logits, mean, log_std):
@@ -46,6 +46,21 @@ def test_the_noise_picks_components_by_weight_and_samples_stay_in_them():
     assert share == pytest.approx([0.2, 0.3, 0.5], abs=0.015)
     assert sum(share) == pytest.approx(1.0)  # nothing between the components
     assert (a[:, 1][a[:, 0] == 1.0] == -1.0).all()  # clipped to [-1, 1] in every dimension
+
+
+def test_component_widths_stay_in_range_and_learn_from_outside_it():
+    low, high = LOG_STD_RANGE
+    x = torch.tensor([-50.0, low - 2, low + 2, high - 2, high + 2, 50.0], requires_grad=True)
+    y = soft_clamp(x, low, high)
+    assert (y >= low - 0.01).all() and (y <= high).all() and (y.diff() > 0).all()
+    assert y[2].item() == pytest.approx(low + 2, abs=0.15) and y[3].item() == pytest.approx(high - 2, abs=0.15)
+    y.sum().backward()
+    assert x.grad[1] > 0.05 and x.grad[4] > 0.05  # a hard clamp gives 0 there: a width that starts past the bound never moves
+    student = MixtureStudent(3, 2, teacher_steps=5, hidden_dim=8)
+    with torch.no_grad():
+        student.net[-1].bias.fill_(100.0)
+    _, _, log_std = student.mixture(torch.randn(4, 3))
+    assert log_std.max().item() <= high
 
 
 def test_only_two_noise_rows_are_read():

@@ -54,7 +54,7 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     p.add_argument("--student-activation", choices=["relu", "silu", "mish"], default=d.student_activation,
                    help="student activation (relu fuses into the Gemm in onnxruntime: fastest)")
     p.add_argument("--distill-method", choices=list(METHODS), default=d.distill_method,
-                   help="distillation objective: mixture (a mixture of Gaussians per state fitted to teacher samples "
+                   help="distillation objective (default: mixture for --student-steps 1, regression above): mixture (a mixture of Gaussians per state fitted to teacher samples "
                         "by maximum likelihood; the noise picks a component, then a point in it), "
                         "regression (shared noise, squared error), l1 (shared noise, absolute "
                         "error), stepwise (each of the K student steps onto its stretch of the teacher's chain), "
@@ -135,7 +135,7 @@ def summary(report) -> str:
         f"p99.9 {g['latency']['p99.9_us']} us over {g['latency']['calls']} calls, 1 thread",
     ]
     if report.distill_seconds is not None:
-        lines.append(f"distillation      {report.distill_seconds} s, final loss {report.distill_final_loss:.2e}")
+        lines.append(f"distillation      {report.distill_method}, {report.distill_seconds} s, final loss {report.distill_final_loss:.2e}")
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from qsm_robot.envs import make_env, run_episodes
 from qsm_robot.export import fidelity
 from qsm_robot.export.contract import ModelContract
 from qsm_robot.export.runtime import latency_us, make_session
-from qsm_robot.export.student import ActuatorPolicy, TeacherSampler, distill
+from qsm_robot.export.student import ActuatorPolicy, TeacherSampler, default_method, distill
 from qsm_robot.files import atomic_write, atomic_write_text
 from qsm_robot.qsm.policy import CheckpointError, load_policy, resolve_checkpoint
 
@@ -48,8 +48,9 @@ class ExportOptions:
     student_hidden: int = 256
     student_layers: int = 2
     student_activation: str = "relu"
-    distill_method: str = "regression"
-    """Distillation objective (``student.METHODS``)."""
+    distill_method: str | None = None
+    """Distillation objective (``student.METHODS``); None: ``student.default_method(student_steps)``,
+    mixture for K=1 and regression for K > 1."""
     distill_draws: int | None = None
     """Samples per state for the methods that compare distributions (ot, energy, mixture); None: the
     method's default."""
@@ -91,6 +92,8 @@ class ExportReport:
     student_return_mean: float | None = None
     distill_seconds: float | None = None
     distill_final_loss: float | None = None
+    distill_method: str | None = None
+    """The student's distillation objective (None for a teacher export)."""
 
     @property
     def passed(self) -> bool:
@@ -225,7 +228,8 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
     T = spec.diffusion_steps
     if not opts.teacher and not 1 <= opts.student_steps <= T:
         raise ExportError(f"--student-steps must be in 1..{T} (the teacher has T={T}); --teacher exports the teacher's own chain")
-    if not opts.teacher and opts.distill_method == "mixture" and opts.student_steps != 1:
+    method = opts.distill_method or default_method(opts.student_steps)
+    if not opts.teacher and method == "mixture" and opts.student_steps != 1:
         raise ExportError(f"--distill-method mixture makes one network evaluation per action: drop --student-steps "
                           f"{opts.student_steps} (or pick another method for K > 1)")
     out = Path(opts.out)
@@ -243,7 +247,8 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
     rng = np.random.default_rng(opts.seed)
     torch.manual_seed(opts.seed)
     report = ExportReport(model=str(out), sampler="teacher" if opts.teacher else "student",
-                          sampler_steps=T if opts.teacher else opts.student_steps)
+                          sampler_steps=T if opts.teacher else opts.student_steps,
+                          distill_method=None if opts.teacher else method)
 
     # States: teacher rollouts plus, when the checkpoint has one, the replay buffer.
     seen: list[np.ndarray] = []
@@ -263,7 +268,7 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
             sampler, losses = distill(
                 teacher, torch.from_numpy(states), opts.student_steps, opts.student_hidden, opts.student_layers,
                 opts.student_activation, opts.distill_iterations, opts.distill_batch, seed=opts.seed,
-                progress=opts.progress, method=opts.distill_method, draws=opts.distill_draws,
+                progress=opts.progress, method=method, draws=opts.distill_draws,
             )
         except ValueError as exc:
             raise ExportError(str(exc)) from None

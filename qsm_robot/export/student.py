@@ -168,6 +168,13 @@ OT_POWER = 0.5
 pairing's targets disagree the student takes one mode instead of their average or median."""
 
 
+def default_method(student_steps: int) -> str:
+    """The distillation method when none is asked for: ``mixture`` for a one-evaluation student (the
+    closest to the teacher's distribution of every method measured, README "Faithful students"),
+    ``regression`` for K > 1 (the mixture makes exactly one network evaluation)."""
+    return "mixture" if student_steps == 1 else "regression"
+
+
 def method_default(method: str, name: str) -> int:
     """The default ``iterations`` or ``draws`` of distillation ``method``."""
     return METHOD_DEFAULTS.get(method, {}).get(name, DEFAULTS[name])

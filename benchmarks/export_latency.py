@@ -57,7 +57,8 @@ def main() -> None:
     p.add_argument("--students", type=int, nargs="+", default=[1, 2], help="student step counts K")
     p.add_argument("--calls", type=int, default=10_000, help="timed batch-1 calls per model")
     p.add_argument("--eval-episodes", type=int, default=10)
-    p.add_argument("--distill-iterations", type=int, default=3000)
+    p.add_argument("--distill-iterations", type=int, default=None,
+                   help="default: the distillation method's (student.method_default)")
     args = p.parse_args()
     torch.set_num_threads(1)
     run = args.run or newest_reference_run()

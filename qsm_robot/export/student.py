@@ -170,7 +170,7 @@ pairing's targets disagree the student takes one mode instead of their average o
 
 def default_method(student_steps: int) -> str:
     """The distillation method when none is asked for: ``mixture`` for a one-evaluation student (the
-    closest to the teacher's distribution of every method measured, README "Faithful students"),
+    fewest samples off the teacher's support of every method measured, README "Faithful students"),
     ``regression`` for K > 1 (the mixture makes exactly one network evaluation)."""
     return "mixture" if student_steps == 1 else "regression"
 

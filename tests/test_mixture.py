@@ -61,6 +61,9 @@ def test_component_widths_stay_in_range_and_learn_from_outside_it():
         student.net[-1].bias.fill_(100.0)
     _, _, log_std = student.mixture(torch.randn(4, 3))
     assert log_std.max().item() <= high
+    log_std.sum().backward()  # the student's own widths, started far past the bound, still learn
+    M, A = student.components, student.act_dim
+    assert (student.net[-1].bias.grad[M + M * A:].abs() > 0).all()
 
 
 def test_only_two_noise_rows_are_read():

@@ -105,12 +105,58 @@ def test_report_tables_in_frames_with_known_values(tmp_path, capsys):
 
     out = tmp_path / "out"
     assert main(["report", str(runs), "--out", str(out), "--budgets", "2k", "3k", "--reps", str(REPS)]) == 0
-    for name in ("report.md", "report.csv", "curves.png", "iqm.png", "profile.png"):
+    for name in ("report.md", "report.csv", "curves.png", "iqm.png", "profile.png", "runs.jsonl"):
         assert (out / name).stat().st_size > 0
     with open(out / "report.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert {r["budget_frames"] for r in table if r["metric"] == "return"} == {"2000", "3000"}
     assert "## Across tasks: IQM of return/1000" in capsys.readouterr().out
+
+
+def test_the_run_archive_rebuilds_regroups_and_extends_a_report_without_the_run_folders(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        write_run(runs, f"narrow{seed}", seed=seed, hidden_dim=64, action_repeat=2, updates_per_s=[40 + seed],
+                  evals=[(500, 100 + seed, 5.0), (1000, 300 + 10 * seed, 9.0)])
+    write_run(runs, "wide", seed=0, hidden_dim=512, task="walker-walk", evals=[(2000, 700, 30.0)])
+    out = tmp_path / "report"
+    assert main(["report", str(runs), "--out", str(out), "--budgets", "1k", "2k", "--reps", str(REPS)]) == 0
+    before = make_report([runs], ReportOptions(budgets=[1000, 2000], reps=REPS))
+    archive = out / "runs.jsonl"
+    assert len(archive.read_text().splitlines()) == 4
+
+    import shutil
+
+    shutil.rmtree(runs)  # the run folders are gone: the archive alone rebuilds the same figures
+    rebuilt = make_report([archive], ReportOptions(budgets=[1000, 2000], reps=REPS))
+    assert rebuilt.rows == before.rows
+    regrouped = make_report([archive], ReportOptions(budgets=[2000], label_by=["hidden_dim"], reps=REPS))
+    assert {r["label"] for r in regrouped.rows} == {"hidden_dim=64", "hidden_dim=512"}
+
+    # New runs join the archived ones; a run both in a folder and in the archive counts once.
+    more = tmp_path / "more"
+    write_run(more, "narrow3", seed=3, hidden_dim=64, action_repeat=2, evals=[(1000, 500, 9.0)])
+    extended = make_report([archive, more], ReportOptions(budgets=[2000], reps=REPS))
+    [r] = rows_of(extended, metric="return", task="cartpole-swingup", budget_frames=2000)
+    assert (r["n"], r["value"]) == (4, pytest.approx((300 + 310 + 320 + 500) / 4))
+    assert main(["report", str(archive), str(more), "--out", str(tmp_path / "both"), "--reps", str(REPS)]) == 0
+    again = make_report([tmp_path / "both" / "runs.jsonl", archive], ReportOptions(budgets=[2000], reps=REPS))
+    assert rows_of(again, metric="return", task="cartpole-swingup", budget_frames=2000)[0]["n"] == 4
+    assert sum("the same run as" in w for w in again.warnings) == 4
+
+    # A damaged archive is a clear error that names the line.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(archive.read_text().splitlines()[0] + "\n{not json\n")
+    with pytest.raises(ReportError, match="bad.jsonl line 2 is not a run record"):
+        make_report([bad], ReportOptions(reps=REPS))
+    short = json.loads(archive.read_text().splitlines()[0])
+    short["returns"] = short["returns"][:1]
+    bad.write_text(json.dumps(short) + "\n")
+    with pytest.raises(ReportError, match="line 1: frames, returns .* must be equally long"):
+        make_report([bad], ReportOptions(reps=REPS))
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["report", str(tmp_path / "notes.txt")]) == 2
+    assert "is a file but not a run archive" in capsys.readouterr().err
 
 
 def test_baselines_are_grouped_tabled_and_checked(tmp_path):

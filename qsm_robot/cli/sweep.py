@@ -86,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Report every run directory (config.json + eval.csv) below DIRs: eval return per task at each "
         "budget (mean, 95% CI, n runs), frames to a target return, wall time and updates/s, IQM of return/1000 "
         "across tasks, learning curves with CI bands and a performance profile (rliable statistics). Writes "
-        "report.md, report.csv, curves.png, iqm.png and profile.png.")
-    rep.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="sweep folders, run folders, or folders of runs")
-    rep.add_argument("--out", type=Path, help="output folder (default: DIR when one is given)")
+        "report.md, report.csv, curves.png, iqm.png, profile.png and runs.jsonl (the run archive: commit it, and a "
+        "later report can be rebuilt or extended from it when the run folders are gone).")
+    rep.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
+                     help="sweep folders, run folders, folders of runs, or run archives (an earlier report's runs.jsonl)")
+    rep.add_argument("--out", type=Path, help="output folder (default: DIR when one is given; an archive's folder)")
     rep.add_argument("--budgets", nargs="+", type=parse_frames, metavar="FRAMES",
                      help="frame budgets, e.g. 50k 100k (default: the largest frame count every run reached)")
     rep.add_argument("--target-return", type=float, metavar="R", help="also report the frames to a first eval return >= R")
@@ -174,7 +176,7 @@ def _report(args: argparse.Namespace) -> int:
         return _fail("out: with several DIRs, say where the report goes (--out OUT_DIR)")
     if args.reps < 100:
         return _fail(f"reps: at least 100 bootstrap resamples, got {args.reps}")
-    out = args.out or args.dirs[0]
+    out = args.out or (args.dirs[0].parent if args.dirs[0].is_file() else args.dirs[0])
     options = ReportOptions(budgets=args.budgets, target_return=args.target_return, label_by=args.label_by,
                             baselines=args.baseline, reps=args.reps, seed=args.seed)
     try:

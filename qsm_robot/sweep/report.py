@@ -1,8 +1,9 @@
 """The learning report: where each preset stands, per task and across tasks, with intervals.
 
 It reads any folders of run directories (a run directory holds config.json and eval.csv: sweep
-trials, plain qsm-train runs, benchmark runs), groups the runs by (label, task), where the label
-is the preset (or the config.json fields of ``label_by``), and writes into the output folder:
+trials, plain qsm-train runs, benchmark runs) and any run archives (an earlier report's
+runs.jsonl), groups the runs by (label, task), where the label is the preset (or the config.json
+fields of ``label_by``), and writes into the output folder:
 
     report.md    per task: eval return at each budget (mean, 95% CI, n runs) with the wall time
                  to it, frames to a target return, updates/s; across tasks: IQM of return/1000
@@ -10,6 +11,10 @@ is the preset (or the config.json fields of ``label_by``), and writes into the o
     curves.png   learning curves, one panel per task, labels overlaid, 95% CI bands, baselines
     iqm.png      IQM of return/1000 with its CI, per label and budget
     profile.png  performance profile (fraction of runs with return/1000 > tau) at the last budget
+    runs.jsonl   the run archive: each run's config and evaluations, one JSON object per line. Run
+                 folders are working files (git-ignored, lost with the machine); the archive is
+                 small enough to commit beside the report, so a report can be rebuilt, regrouped
+                 or extended with new runs from it alone (pass it in place of a folder).
 
 Every axis and table is in **frames**: the task's own control steps, eval.csv's ``step`` (policy
 steps) x config.json's ``action_repeat``. At a budget each run contributes its latest evaluation
@@ -56,11 +61,13 @@ SAME_GROUP_FIELDS_IGNORED = {
     "eval_every",
 }
 """config.json fields that may differ between the runs of one group without a warning."""
-REPORT_FILES = ("report.md", "report.csv", "curves.png", "iqm.png", "profile.png")
+RUNS_ARCHIVE = "runs.jsonl"
+"""The report's run archive (see the module docstring)."""
+REPORT_FILES = ("report.md", "report.csv", "curves.png", "iqm.png", "profile.png", RUNS_ARCHIVE)
 
 
 class ReportError(ValueError):
-    """Bad report input (no runs, a bad baseline CSV, an unknown --label-by field)."""
+    """Bad report input (no runs, a bad baseline CSV or run archive, an unknown --label-by field)."""
 
 
 @dataclass
@@ -269,18 +276,25 @@ def _numeric(row: dict[str, str], keys: tuple[str, ...]) -> bool:
         return False
 
 
+def _fill_defaults(config: dict[str, Any], label_by: list[str], where: str) -> dict[str, Any]:
+    """``config`` with each ``label_by`` field it lacks set to TrainConfig's default: a run made
+    before a field existed ran with its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name in label_by:
+        if name not in config:
+            if name not in defaults:
+                raise ReportError(f"label_by: {name} is not a field of {where}")
+            config[name] = defaults[name]
+    return config
+
+
 def load_run(run_dir: Path, label_by: list[str]) -> Curve | None:
     """A run directory as a Curve (None when it has no evaluation yet)."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ReportError(f"config.json: cannot read {run_dir / 'config.json'}: {exc}") from None
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for name in label_by:  # a run made before a field existed ran with its default
-        if name not in config:
-            if name not in defaults:
-                raise ReportError(f"label_by: {name} is not a field of {run_dir / 'config.json'}")
-            config[name] = defaults[name]
+    _fill_defaults(config, label_by, str(run_dir / "config.json"))
     with open(run_dir / "eval.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if _numeric(r, ("step", "time_s", "return_mean"))]
     if not rows:
@@ -299,6 +313,79 @@ def load_run(run_dir: Path, label_by: list[str]) -> Curve | None:
         source=str(run_dir), frames=_floats(rows, "step") * repeat, returns=_floats(rows, "return_mean"),
         times=_floats(rows, "time_s"), updates_per_s=ups, config=config,
     )
+
+
+def archive_record(curve: Curve) -> dict[str, Any]:
+    """One line of runs.jsonl: what :func:`load_archive` needs to rebuild ``curve``."""
+    return {"source": curve.source, "config": curve.config, "frames": curve.frames.tolist(),
+            "returns": curve.returns.tolist(), "times": None if curve.times is None else curve.times.tolist(),
+            "updates_per_s": curve.updates_per_s}
+
+
+def load_archive(path: Path, label_by: list[str]) -> list[Curve]:
+    """The runs of a run archive (runs.jsonl), labelled by ``label_by`` like run directories."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ReportError(f"archive: cannot read {path}: {exc.strerror or exc}") from None
+    curves = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            config = dict(record["config"])
+            frames, returns = np.asarray(record["frames"], float), np.asarray(record["returns"], float)
+            times = None if record.get("times") is None else np.asarray(record["times"], float)
+            ups = record.get("updates_per_s")
+            ok = (frames.ndim == 1 and frames.size > 0 and frames.shape == returns.shape
+                  and (times is None or times.shape == frames.shape) and bool(np.all(np.diff(frames) >= 0)))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ReportError(f"archive: {path} line {number} is not a run record ({exc})") from None
+        if not ok:
+            raise ReportError(f"archive: {path} line {number}: frames, returns (and times) must be equally long, "
+                              "non-empty lists with frames in increasing order")
+        _fill_defaults(config, label_by, f"{path} line {number}")
+        curves.append(Curve(label=group_label(config, label_by), task=str(config.get("task")),
+                            seed=str(config.get("seed")), source=str(record.get("source") or f"{path}:{number}"),
+                            frames=frames, returns=returns, times=times,
+                            updates_per_s=None if ups is None else float(ups), config=config))
+    return curves
+
+
+def _run_identity(c: Curve) -> tuple[str, str, str]:
+    """The same run read twice (from its folder and from an archive, or from two archives) has the
+    same run directory as qsm-train was given it, task and seed."""
+    return (str(c.config.get("run_dir") or c.source), c.task, c.seed)
+
+
+def load_runs(paths: list[Path], label_by: list[str]) -> tuple[list[Curve], list[str]]:
+    """Every run below the folders and in the archives (.jsonl files) of ``paths``, each once (the
+    copy with the most evaluations), with warnings for runs left out."""
+    warnings: list[str] = []
+    found: list[Curve] = []
+    for path in paths:
+        if path.is_file():
+            if path.suffix != ".jsonl":
+                raise ReportError(f"dirs: {path} is a file but not a run archive ({RUNS_ARCHIVE})")
+            found += load_archive(path, label_by)
+            continue
+        for run_dir in find_run_dirs([path]):
+            curve = load_run(run_dir, label_by)
+            if curve is None:
+                warnings.append(f"{run_dir}: no evaluation yet; left out")
+            else:
+                found.append(curve)
+    kept: dict[tuple[str, str, str], Curve] = {}
+    for c in found:
+        key = _run_identity(c)
+        if key in kept:
+            longer, other = (c, kept[key]) if len(c.frames) > len(kept[key].frames) else (kept[key], c)
+            warnings.append(f"{other.source}: the same run as {longer.source} (run_dir {key[0]}, seed {key[2]}); "
+                            "the copy with more evaluations is used")
+            c = longer
+        kept[key] = c
+    return list(kept.values()), warnings
 
 
 def load_baseline(path: Path) -> list[Curve]:
@@ -363,19 +450,14 @@ def _display(label: str, baseline: bool) -> str:
 
 
 def make_report(dirs: list[Path], options: ReportOptions | None = None) -> Report:
-    """Find the runs below ``dirs`` (and read the baselines) and compute the report; write nothing."""
+    """Find the runs below ``dirs`` and in the run archives among them (and read the baselines) and
+    compute the report; write nothing."""
     options = options or ReportOptions()
     label_by = options.label_by or default_label_by(dirs)
-    warnings: list[str] = []
-    runs: list[Curve] = []
-    for run_dir in find_run_dirs(dirs):
-        curve = load_run(run_dir, label_by)
-        if curve is None:
-            warnings.append(f"{run_dir}: no evaluation yet; left out")
-        else:
-            runs.append(curve)
+    runs, warnings = load_runs(dirs, label_by)
     if not runs:
-        raise ReportError(f"dirs: no run directories with evaluations (config.json + eval.csv) below {', '.join(map(str, dirs))}")
+        raise ReportError(f"dirs: no run directories with evaluations (config.json + eval.csv) or archived runs "
+                          f"in {', '.join(map(str, dirs))}")
     baselines = [c for path in options.baselines for c in load_baseline(path)]
     curves = runs + baselines
     budgets = sorted(options.budgets) if options.budgets else [min(c.last_frames for c in runs)]
@@ -486,7 +568,8 @@ def _mixed_config_warnings(groups: dict[tuple[bool, str], dict[str, list[Curve]]
 
 # --- output ------------------------------------------------------------------------------------
 def write_report(report: Report, out_dir: Path) -> list[Path]:
-    """Write report.md, report.csv and the figures into ``out_dir`` (each file atomically)."""
+    """Write report.md, report.csv, the figures and the run archive into ``out_dir`` (each file
+    atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = ["metric", "task", "label", "kind", "budget_frames", "n", "value", "ci_low", "ci_high", "note"]
 
@@ -498,6 +581,8 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
 
     atomic_write_text(out_dir / "report.md", report.markdown)
     atomic_write(out_dir / "report.csv", write_csv)
+    runs = sorted((c for c in report.curves if not c.baseline), key=lambda c: (c.task, c.label, c.seed, c.source))
+    atomic_write_text(out_dir / RUNS_ARCHIVE, "".join(json.dumps(archive_record(c)) + "\n" for c in runs))
     _plot_curves(report, out_dir / "curves.png")
     _plot_iqm(report, out_dir / "iqm.png")
     _plot_profile(report, out_dir / "profile.png")

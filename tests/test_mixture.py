@@ -5,14 +5,16 @@ import math
 import pytest
 import torch
 
-from qsm_robot.export.mixture import LOG_STD_RANGE, MixtureStudent, censored_mixture_nll, soft_clamp
+from qsm_robot.export.mixture import (
+    LOG_STD_RANGE, MixtureStudent, bounded_std, censored_mixture_nll, soft_clamp,
+)
 
 
 def fixed(student: MixtureStudent, logits, mean, log_std):
-    """Make ``student`` give the same mixture at every state."""
+    """Make ``student``'s network give the same mixture at every state (log-stds well inside the bound)."""
     B = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
-    student.mixture = lambda obs: (B(logits).expand(len(obs), -1), B(mean).expand(len(obs), -1, -1),
-                                   B(log_std).expand(len(obs), -1, -1))
+    params = torch.cat([B(mean), B(log_std)], dim=-1)
+    student.head = lambda obs: (B(logits).expand(len(obs), -1), params.expand(len(obs), -1, -1))
     return student
 
 
@@ -41,9 +43,13 @@ def test_the_noise_picks_components_by_weight_and_samples_stay_in_them():
                     [math.log(0.2), math.log(0.3), math.log(0.5)],
                     [[-0.6, 0.0], [0.1, 0.0], [2.0, -3.0]], [[-5.0, -5.0]] * 3)
     g = torch.Generator().manual_seed(0)
-    a = student(torch.zeros(20_000, 3), torch.randn(20_000, 5, 2, generator=g))
+    noise = torch.randn(20_000, 5, 2, generator=g)
+    a = student(torch.zeros(20_000, 3), noise)
     share = [((a[:, 0] - m).abs() < 0.05).float().mean().item() for m in (-0.6, 0.1, 1.0)]  # the third is clipped
     assert share == pytest.approx([0.2, 0.3, 0.5], abs=0.015)
+    u = torch.special.ndtr(noise[:, 1, 0])  # the pick is exactly the component whose weight interval holds u
+    expect = torch.where(u <= 0.2, -0.6, torch.where(u <= 0.5, 0.1, 1.0))
+    assert (((a[:, 0] - expect).abs() < 0.05) | ((u - 0.2).abs() < 1e-6) | ((u - 0.5).abs() < 1e-6)).all()
     assert sum(share) == pytest.approx(1.0)  # nothing between the components
     assert (a[:, 1][a[:, 0] == 1.0] == -1.0).all()  # clipped to [-1, 1] in every dimension
 
@@ -63,7 +69,33 @@ def test_component_widths_stay_in_range_and_learn_from_outside_it():
     assert log_std.max().item() <= high
     log_std.sum().backward()  # the student's own widths, started far past the bound, still learn
     M, A = student.components, student.act_dim
-    assert (student.net[-1].bias.grad[M + M * A:].abs() > 0).all()
+    assert (student.net[-1].bias.grad[M:].view(M, 2 * A)[:, A:].abs() > 0).all()
+    raw = torch.linspace(-60.0, 60.0, 2001)  # the sampler's width is the same bound, in fewer graph nodes
+    assert torch.allclose(bounded_std(raw), soft_clamp(raw, low, high).exp(), rtol=1e-5, atol=1e-12)
+
+
+def test_folding_the_input_standardisation_keeps_the_sampler_and_the_mixture():
+    torch.manual_seed(0)
+    student = MixtureStudent(4, 3, teacher_steps=5, hidden_dim=16)
+    student.fit_input(torch.randn(500, 4) * torch.tensor([1.0, 10.0, 0.1, 3.0]) + 5.0)
+    obs, noise = torch.randn(256, 4) * 5, torch.randn(256, 5, 3)
+    with torch.no_grad():
+        before, mixture = student(obs, noise), student.mixture(obs)
+        student.fold_input()
+        after, folded = student(obs, noise), student.mixture(obs)
+    assert not hasattr(student.standardize, "mean")  # nothing left of it in the graph
+    for x, y in zip(mixture, folded):
+        assert torch.allclose(x, y, atol=1e-4)
+    assert ((before - after).abs() < 1e-4).float().mean() > 0.99  # a draw moves only where u sits on an edge
+    with pytest.raises(RuntimeError, match="already in the first layer"):
+        student.fit_input(torch.randn(10, 4))
+
+
+def test_one_component_is_a_clipped_gaussian():
+    student = fixed(MixtureStudent(2, 1, teacher_steps=2, components=1, hidden_dim=8), [0.0], [[0.3]], [[math.log(0.2)]])
+    noise = torch.randn(1000, 2, 1)
+    std = soft_clamp(torch.tensor(math.log(0.2)), *LOG_STD_RANGE).exp()  # 0.2, a little narrower near the bound
+    assert torch.allclose(student(torch.zeros(1000, 2), noise)[:, 0], (0.3 + std * noise[:, 0, 0]).clamp(-1, 1), atol=1e-5)
 
 
 def test_only_two_noise_rows_are_read():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_export import tiny_spec
 
-from qsm_robot.export.student import (StudentPolicy, bounded_regression_loss, distill, ot_dataset, ot_pairing,
+from qsm_robot.export.student import (ActuatorPolicy, StudentPolicy, bounded_regression_loss, distill, ot_dataset, ot_pairing,
                                       stepwise_loss)
 from qsm_robot.qsm.policy import DiffusionPolicy
 
@@ -161,3 +161,15 @@ def test_a_diverging_distillation_stops_with_a_clear_error():
     for method in ("mixture", "regression"):
         with pytest.raises(ValueError, match="diverged at iteration 1"):
             distill(NanTeacher(), torch.zeros(8, 2), iterations=5, batch_size=4, progress=False, method=method, draws=2)
+
+
+@pytest.mark.parametrize("low, high", [([-1.0, -1.0], [1.0, 1.0]), ([-2.0, 0.0], [0.5, 4.0])])
+def test_the_exported_policy_rescales_to_the_actuator_range_and_clips(low, high):
+    class Fixed(torch.nn.Module):
+        def forward(self, obs, noise):
+            return torch.tensor([[-1.5, -1.0], [0.0, 0.5], [1.0, 2.0]])
+
+    action = ActuatorPolicy(Fixed(), low, high)(torch.zeros(3, 1), torch.zeros(3, 2, 2))
+    lo, hi = torch.tensor(low), torch.tensor(high)
+    expect = lo + (torch.tensor([[-1.0, -1.0], [0.0, 0.5], [1.0, 1.0]]) + 1) / 2 * (hi - lo)
+    assert torch.allclose(action, expect) and (action >= lo).all() and (action <= hi).all()

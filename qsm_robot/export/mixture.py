@@ -37,12 +37,28 @@ the bound at e^1, 1.1-1.6% at 0.5; README, "Faithful students")."""
 MEAN_RANGE = 10.0
 """Component means are clamped to [-MEAN_RANGE, MEAN_RANGE]: past a bound only the mass the clip
 puts on it matters, and an unbounded mean can grow until its squared z overflows float32."""
+SQRT_HALF = math.sqrt(0.5)
 AT_BOUND = 1.0 - 1e-6
 """A target at or past +-AT_BOUND sits on the teacher's clip: a censored sample."""
 
 
+class Standardize(nn.Module):
+    """x -> (x - mean) / std, with the distillation states' statistics."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 class MixtureStudent(nn.Module):
-    """(obs [B, obs_dim], noise [B, T, act_dim]) -> action in [-1, 1], a draw from the mixture at obs."""
+    """(obs [B, obs_dim], noise [B, T, act_dim]) -> action in [-1, 1], a draw from the mixture at obs.
+
+    The network's output is [logits (M) | component 0's mean (A), log-std (A) | component 1's ... ].
+    """
 
     def __init__(self, obs_dim: int, act_dim: int, teacher_steps: int, components: int = COMPONENTS,
                  hidden_dim: int = 256, num_layers: int = 2, activation: type[nn.Module] = nn.ReLU):
@@ -54,40 +70,68 @@ class MixtureStudent(nn.Module):
             raise ValueError(f"mixture components must be >= 1, got {components}")
         self.obs_dim, self.act_dim, self.teacher_steps, self.components = obs_dim, act_dim, teacher_steps, components
         self.steps = 1  # network evaluations per action
+        self.standardize: nn.Module = Standardize(obs_dim)
         layers: list[nn.Module] = []
         for d_in, d_out in zip([obs_dim] + [hidden_dim] * num_layers, [hidden_dim] * num_layers):
             layers += [nn.Linear(d_in, d_out), activation()]
         layers.append(nn.Linear(hidden_dim, components * (1 + 2 * act_dim)))
         self.net = nn.Sequential(*layers)
-        self.register_buffer("component_ids", torch.arange(components, dtype=torch.float32))
-        self.register_buffer("obs_mean", torch.zeros(obs_dim))
-        self.register_buffer("obs_std", torch.ones(obs_dim))
+        # The sampler's two constant matrices (see forward): p @ cumulative - 1 = 2 * (cumulative weight of
+        # components 0..M-2) - 1, and reached @ first + last = the one-hot of the first component reached.
+        M = components
+        self.register_buffer("cumulative", 2.0 * torch.ones(M, M - 1).triu())
+        self.register_buffer("first", torch.eye(M)[:-1] - torch.eye(M)[1:])
+        self.register_buffer("last", torch.eye(M)[-1])
 
     def fit_input(self, states: torch.Tensor) -> None:
-        """Standardise the network's input with the distillation states' mean and standard deviation
-        (part of the graph): raw observations mix positions near 1 with velocities near 10, and the
-        mode weights switch sharply with the state; measured on the cartpole reference policy, W1
-        0.051 -> 0.046 and the worst state 0.152 -> 0.117 (README, "Faithful students")."""
-        self.obs_mean.copy_(states.mean(dim=0))
-        self.obs_std.copy_(states.std(dim=0).clamp_min(1e-3))
+        """Standardise the network's input with the distillation states' mean and standard deviation:
+        raw observations mix positions near 1 with velocities near 10, and the mode weights switch
+        sharply with the state; measured on the cartpole reference policy, W1 0.051 -> 0.046 and the
+        worst state 0.152 -> 0.117 (README, "Faithful students"). After fitting, :meth:`fold_input`
+        moves it into the first layer."""
+        if not isinstance(self.standardize, Standardize):
+            raise RuntimeError("fit_input after fold_input: the standardisation is already in the first layer")
+        self.standardize.mean.copy_(states.mean(dim=0))
+        self.standardize.std.copy_(states.std(dim=0).clamp_min(1e-3))
+
+    @torch.no_grad()
+    def fold_input(self) -> None:
+        """Fold the input standardisation into the first layer, W' = W / std and b' = b - W' mean
+        (the same function up to float rounding): the exported graph has no Sub and Div for it."""
+        if isinstance(self.standardize, Standardize):
+            first = self.net[0]
+            first.weight.div_(self.standardize.std)
+            first.bias.sub_(first.weight @ self.standardize.mean)
+            self.standardize = nn.Identity()
+
+    def head(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, M], raw parameters [B, M, 2 * act]: each component's mean, then its log-std
+        before the bound) at each state."""
+        out = self.net(self.standardize(obs))
+        return out[:, :self.components], out[:, self.components:].reshape(-1, self.components, 2 * self.act_dim)
 
     def mixture(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [B, M], mean [B, M, act], log_std [B, M, act]) of the mixture at each state."""
-        M, A = self.components, self.act_dim
-        out = self.net((obs - self.obs_mean) / self.obs_std)
-        logits = out[:, :M]
-        mean = out[:, M:M + M * A].reshape(-1, M, A).clamp(-MEAN_RANGE, MEAN_RANGE)
-        log_std = soft_clamp(out[:, M + M * A:].reshape(-1, M, A), *LOG_STD_RANGE)
-        return logits, mean, log_std
+        logits, params = self.head(obs)
+        mean, raw_log_std = params.split(self.act_dim, dim=-1)
+        return logits, mean.clamp(-MEAN_RANGE, MEAN_RANGE), soft_clamp(raw_log_std, *LOG_STD_RANGE)
 
     def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        logits, mean, log_std = self.mixture(obs)
-        edges = torch.softmax(logits, dim=-1).cumsum(dim=-1)  # [B, M], the last is 1
-        u = 0.5 * (1.0 + torch.erf(noise[:, 1, :1] / math.sqrt(2.0)))  # [B, 1], uniform on (0, 1)
-        pick = (edges < u).to(obs.dtype).sum(dim=-1, keepdim=True).clamp(max=self.components - 1)
-        one_hot = (self.component_ids == pick).to(obs.dtype)  # [B, M]
-        draw = mean + log_std.exp() * noise[:, :1]  # [B, M, act]: noise[:, 0] inside every component
-        return (one_hot[..., None] * draw).sum(dim=1).clamp(-1.0, 1.0)
+        """A draw: the component is the first whose cumulative weight reaches u = Phi(noise[:, 1, 0]),
+        compared as 2 * cumulative - 1 >= erf(noise / sqrt 2) (the same test, two graph nodes fewer);
+        the point is mean + std * noise[:, 0] of that component, clipped to [-1, 1].
+
+        Written for a small graph (each ONNX node costs about as much as a layer at batch 1): the
+        cumulative weights and the one-hot are constant matrix products, and only the picked
+        component's parameters are bounded and used. The mean clamp of :meth:`mixture` is left
+        out: it changes a draw only where |std * noise| > MEAN_RANGE - 1, and the clip below puts
+        such a draw on the same bound."""
+        logits, params = self.head(obs)
+        edges = torch.addmm(self.cumulative.new_tensor(-1.0), torch.softmax(logits, dim=-1), self.cumulative)  # [B, M-1]
+        reached = (edges >= torch.erf(noise[:, 1, :1] * SQRT_HALF)).to(obs.dtype)  # [B, M-1]: 0 ... 0 1 ... 1
+        one_hot = torch.addmm(self.last, reached, self.first)  # [B, M]: the first reached, the last if none
+        mean, raw_log_std = torch.bmm(one_hot[:, None, :], params)[:, 0].split(self.act_dim, dim=-1)
+        return (mean + bounded_std(raw_log_std) * noise[:, 0]).clamp(-1.0, 1.0)
 
 
 def soft_clamp(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -95,6 +139,13 @@ def soft_clamp(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     ``high - low`` > 5): about ``x`` well inside, and a gradient everywhere. A hard clamp has none
     outside its range, so a log-std that starts past the bound never moves."""
     return high - nn.functional.softplus(high - low - nn.functional.softplus(x - low))
+
+
+def bounded_std(raw_log_std: torch.Tensor) -> torch.Tensor:
+    """``soft_clamp(raw_log_std, *LOG_STD_RANGE).exp()`` in fewer graph nodes: exp(high - softplus(y))
+    = e^high * sigmoid(-y)."""
+    low, high = LOG_STD_RANGE
+    return math.exp(high) * torch.sigmoid(nn.functional.softplus(raw_log_std - low) - (high - low))
 
 
 def censored_mixture_nll(logits: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor,

@@ -291,7 +291,8 @@ def test_bad_input_is_one_clear_line(run_dir, tmp_path, capsys, case, message):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flag,value", [("--replay-states", "-1"), ("--state-episodes", "0"), ("--min-retention", "2")])
+@pytest.mark.parametrize("flag,value", [("--replay-states", "-1"), ("--state-episodes", "0"), ("--min-retention", "2"),
+                                        ("--state-jitter-copies", "-1"), ("--state-jitter", "-0.1")])
 def test_out_of_range_options_are_usage_errors(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         export_main(["run", "--out", "m.onnx", flag, value])

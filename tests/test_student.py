@@ -4,12 +4,13 @@ chain and its loss, the optimal-transport pairing, a map of the initial noise on
 import dataclasses
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from test_export import tiny_spec
 
-from qsm_robot.export.student import (ActuatorPolicy, StudentPolicy, bounded_regression_loss, distill, ot_dataset, ot_pairing,
-                                      stepwise_loss)
+from qsm_robot.export.student import (ActuatorPolicy, StudentPolicy, bounded_regression_loss, distill, jittered,
+                                      ot_dataset, ot_pairing, stepwise_loss)
 from qsm_robot.qsm.policy import DiffusionPolicy
 
 
@@ -173,3 +174,16 @@ def test_the_exported_policy_rescales_to_the_actuator_range_and_clips(low, high)
     lo, hi = torch.tensor(low), torch.tensor(high)
     expect = lo + (torch.tensor([[-1.0, -1.0], [0.0, 0.5], [1.0, 1.0]]) + 1) / 2 * (hi - lo)
     assert torch.allclose(action, expect) and (action >= lo).all() and (action <= hi).all()
+
+
+def test_jittered_copies_follow_the_states_and_move_each_dimension_by_its_own_spread():
+    rng = np.random.default_rng(0)
+    states = (rng.standard_normal((4000, 3)) * [1.0, 100.0, 0.0] + [0.0, 5.0, 7.0]).astype(np.float32)
+    out = jittered(states, 2, 0.1, np.random.default_rng(1))
+    assert out.shape == (12_000, 3) and out.dtype == np.float32
+    assert np.array_equal(out[:4000], states)  # the visited states first, unchanged
+    moved = (out[4000:] - np.tile(states, (2, 1))).std(axis=0)
+    assert moved == pytest.approx([0.1, 10.0, 0.0], rel=0.05, abs=1e-6)  # a constant dimension stays put
+    assert jittered(states, 0, 0.1, rng) is states
+    with pytest.raises(ValueError, match=">= 0"):
+        jittered(states, -1, 0.1, rng)

@@ -76,6 +76,10 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     p.add_argument("--state-episodes", type=int, default=d.state_episodes, help="teacher rollouts that provide distillation states")
     p.add_argument("--replay-states", type=int, default=d.replay_states,
                    help="at most this many replay-buffer observations join the rollout states (0: none)")
+    p.add_argument("--state-jitter-copies", type=int, default=d.state_jitter_copies,
+                   help="copies of each distillation state moved by Gaussian noise, labelled by the teacher (0: none)")
+    p.add_argument("--state-jitter", type=float, default=d.state_jitter,
+                   help="the copies' noise as a fraction of the states' per-dimension standard deviation")
     p.add_argument("--eval-episodes", type=int, default=d.eval_episodes, help="episodes for the return-retention gate")
     p.add_argument("--min-retention", type=float, default=d.min_retention, help="gate: exported mean return / teacher mean return")
     p.add_argument("--parity-samples", type=int, default=d.parity_samples, help="(obs, noise) pairs for the parity gate")
@@ -88,8 +92,9 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
                  "eval_episodes", "parity_samples", "latency_calls", "fidelity_states", "fidelity_samples"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if a.replay_states < 0:
-        p.error(f"--replay-states must be >= 0, got {a.replay_states}")
+    for name in ("replay_states", "state_jitter_copies", "state_jitter"):
+        if not getattr(a, name) >= 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
     if not 0 <= a.min_retention <= 1:
         p.error(f"--min-retention must be in [0, 1], got {a.min_retention}")
     for name in ("max_w1", "max_w1_worst", "max_off_support"):
@@ -98,7 +103,8 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     opts = ExportOptions(
         out=a.out, student_steps=a.student_steps, teacher=a.teacher, force=a.force,
         distill_iterations=a.distill_iterations, distill_batch=a.distill_batch, student_hidden=a.student_hidden,
-        student_layers=a.student_layers, student_activation=a.student_activation, state_episodes=a.state_episodes, replay_states=a.replay_states, eval_episodes=a.eval_episodes,
+        student_layers=a.student_layers, student_activation=a.student_activation, state_episodes=a.state_episodes, replay_states=a.replay_states,
+        state_jitter_copies=a.state_jitter_copies, state_jitter=a.state_jitter, eval_episodes=a.eval_episodes,
         min_retention=a.min_retention, parity_samples=a.parity_samples, parity_tol=a.parity_tol,
         latency_calls=a.latency_calls, seed=a.seed, progress=sys.stderr.isatty(), distill_method=a.distill_method, distill_draws=a.distill_draws,
         fidelity_states=a.fidelity_states, fidelity_samples=a.fidelity_samples,

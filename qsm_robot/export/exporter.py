@@ -23,7 +23,7 @@ from qsm_robot.envs import make_env, run_episodes
 from qsm_robot.export import fidelity
 from qsm_robot.export.contract import ModelContract
 from qsm_robot.export.runtime import latency_us, make_session
-from qsm_robot.export.student import ActuatorPolicy, TeacherSampler, default_method, distill
+from qsm_robot.export.student import ActuatorPolicy, TeacherSampler, default_method, distill, jittered
 from qsm_robot.files import atomic_write, atomic_write_text
 from qsm_robot.qsm.policy import CheckpointError, load_policy, resolve_checkpoint
 
@@ -62,6 +62,11 @@ class ExportOptions:
     mixture student on the cartpole reference policy, held out: W1 0.071 and 3.4% off support with
     8 rollouts plus 50,000 replay states, 0.051 and 2.7% with 32 rollouts alone); the replay's
     older, wider states keep some coverage off the policy's path."""
+    state_jitter_copies: int = 3
+    """Copies of each distillation state moved by Gaussian noise (``student.jittered``), labelled by
+    the teacher like the rest (0: none): the student learns the teacher between visited states."""
+    state_jitter: float = 0.03
+    """The copies' noise, as a fraction of the states' per-dimension standard deviation."""
     eval_episodes: int = 5
     min_retention: float = 0.95
     parity_samples: int = 1000
@@ -258,7 +263,10 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
     from_replay = replay_states(checkpoint, opts.replay_states, rng) if opts.replay_states else None
     if from_replay is not None:
         states = np.concatenate([states, from_replay])
-    log(f"qsm-export: {len(states)} states ({'with' if from_replay is not None else 'without'} replay buffer)")
+    visited = len(states)
+    states = jittered(states, opts.state_jitter_copies, opts.state_jitter, rng).astype(np.float32)
+    log(f"qsm-export: {visited} states ({'with' if from_replay is not None else 'without'} replay buffer)"
+        + (f" and {len(states) - visited} jittered copies" if len(states) > visited else ""))
 
     if opts.teacher:
         sampler: torch.nn.Module = TeacherSampler(teacher)

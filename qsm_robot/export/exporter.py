@@ -264,7 +264,7 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
     if from_replay is not None:
         states = np.concatenate([states, from_replay])
     visited = len(states)
-    states = jittered(states, opts.state_jitter_copies, opts.state_jitter, rng).astype(np.float32)
+    states = jittered(states, opts.state_jitter_copies, opts.state_jitter, rng)
     log(f"qsm-export: {visited} states ({'with' if from_replay is not None else 'without'} replay buffer)"
         + (f" and {len(states) - visited} jittered copies" if len(states) > visited else ""))
 

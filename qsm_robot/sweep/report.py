@@ -276,8 +276,8 @@ def _numeric(row: dict[str, str], keys: tuple[str, ...]) -> bool:
         return False
 
 
-def _fill_defaults(config: dict[str, Any], label_by: list[str], where: str) -> dict[str, Any]:
-    """``config`` with each ``label_by`` field it lacks set to TrainConfig's default: a run made
+def _fill_defaults(config: dict[str, Any], label_by: list[str], where: str) -> None:
+    """Set each ``label_by`` field that ``config`` lacks to TrainConfig's default: a run made
     before a field existed ran with its default."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for name in label_by:
@@ -285,7 +285,6 @@ def _fill_defaults(config: dict[str, Any], label_by: list[str], where: str) -> d
             if name not in defaults:
                 raise ReportError(f"label_by: {name} is not a field of {where}")
             config[name] = defaults[name]
-    return config
 
 
 def load_run(run_dir: Path, label_by: list[str]) -> Curve | None:

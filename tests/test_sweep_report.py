@@ -143,6 +143,17 @@ def test_the_run_archive_rebuilds_regroups_and_extends_a_report_without_the_run_
     again = make_report([tmp_path / "both" / "runs.jsonl", archive], ReportOptions(budgets=[2000], reps=REPS))
     assert rows_of(again, metric="return", task="cartpole-swingup", budget_frames=2000)[0]["n"] == 4
     assert sum("the same run as" in w for w in again.warnings) == 4
+    # A run that went on after it was archived: its folder's longer copy is the one counted.
+    write_run(more, "narrow0", seed=0, hidden_dim=64, action_repeat=2,
+              evals=[(500, 100, 5.0), (1000, 300, 9.0), (1500, 900, 12.0)])
+    record = json.loads(archive.read_text().splitlines()[0])
+    record["source"] = str((more / "narrow0").resolve())  # the same run: its folder moved with it
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text(json.dumps(record) + "\n")
+    for order in ([renamed, more], [more, renamed]):
+        grown = make_report(order, ReportOptions(budgets=[3000], reps=REPS))
+        [r] = rows_of(grown, metric="return", task="cartpole-swingup", budget_frames=3000, label="fast")
+        assert (r["n"], r["value"]) == (1, 900.0)
 
     # A damaged archive is a clear error that names the line.
     bad = tmp_path / "bad.jsonl"

@@ -44,7 +44,7 @@ def candidate(text: str) -> tuple[str, int, int, int | None]:
 
 def main(argv: list[str] | None = None) -> int:
     from qsm_robot.export.exporter import ExportOptions, export_policy
-    from qsm_robot.export.student import METHODS, method_default
+    from qsm_robot.export.student import DRAW_METHODS, METHODS, method_default
     from qsm_robot.qsm.policy import load_policy
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,9 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     for run in a.runs:
         task = load_policy(run).spec.task
         for method, steps, width, draws in a.candidates:
-            draws = method_default(method, "draws") if draws is None else draws
+            if method not in DRAW_METHODS:
+                draws = None  # the method ignores it: the table shows '-'
+            elif draws is None:
+                draws = method_default(method, "draws")
             iterations = method_default(method, "iterations") if a.iterations is None else a.iterations
-            out = work / f"{task}-{method}-k{steps}-w{width}-d{draws}.onnx"
+            out = work / f"{task}-{method}-k{steps}-w{width}" + (f"-d{draws}" if draws else "") + ".onnx"
             r = export_policy(run, ExportOptions(out=out, force=True, distill_method=method, progress=False,
                                                  distill_iterations=iterations, student_steps=steps,
                                                  student_hidden=width, distill_draws=draws),

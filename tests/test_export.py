@@ -42,6 +42,19 @@ def tiny_spec() -> PolicySpec:
                       diffusion_steps=4, temperature=1.0, clip_sample=True, step=0)
 
 
+def test_zero_noise_decode_is_the_chain_run_on_zero_noise_whatever_the_temperature():
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(tiny_spec()).eval()
+    obs = torch.randn(16, 4)
+    decoded = policy.decode(obs)
+    with torch.no_grad():
+        assert torch.equal(decoded, policy.sample(obs, torch.zeros(16, 4, 2)))
+        assert not torch.equal(decoded, policy.sample(obs, torch.randn(16, 4, 2)))  # not a draw
+    assert torch.equal(policy.decode(obs), decoded)  # no hidden randomness
+    policy.spec.temperature = 0.3
+    assert torch.equal(policy.decode(obs), decoded)  # no noise for the temperature to scale
+
+
 def contract_for(spec: PolicySpec) -> ModelContract:
     return ModelContract(io=spec.io, sampler="student", sampler_steps=1, teacher_steps=spec.diffusion_steps, schedule="vp",
                          noise_shape=["batch", spec.diffusion_steps, spec.io.act_dim], teacher_sha256="0" * 64,

@@ -156,6 +156,8 @@ stretch of the teacher's chain, starting from the teacher's own state there, squ
 ``regression`` (shared noise, squared error on the final action only), ``l1`` (the same with
 absolute error) or ``energy`` (the energy score on independent draws: the student learns the
 distribution, not the teacher's noise-to-action pairing). With K=1 ``stepwise`` is ``regression``."""
+DRAW_METHODS = ("mixture", "ot", "energy")
+"""The methods that learn from several teacher samples per state (``draws``); the others ignore it."""
 
 DEFAULTS = {"iterations": 3000, "draws": 16}
 """Distillation iterations and samples per state (energy, ot) where a method has no default of its own."""

@@ -205,6 +205,12 @@ class DiffusionPolicy(torch.nn.Module):
             self.denoiser, self.schedule, obs, generator, self.spec.temperature, self.spec.clip_sample
         )
 
+    @torch.no_grad()
+    def decode(self, obs: torch.Tensor) -> torch.Tensor:
+        """The chain's zero-noise decode for obs [B, obs_dim]: a_T = 0 and no noise between steps, one
+        deterministic action per state (how SAC-family baselines evaluate: their mean action)."""
+        return self.sample(obs, obs.new_zeros(obs.shape[0], self.schedule.T, self.spec.act_dim))
+
     def to_actuator(self, action: torch.Tensor) -> torch.Tensor:
         """Map actions in [-1, 1] to actuator units."""
         low = torch.as_tensor(self.spec.action_low, dtype=action.dtype, device=action.device)

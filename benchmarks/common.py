@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+"""Where every benchmark writes its tables and figures."""
 
 
 def columns_of(rows: list[dict]) -> list[str]:
@@ -24,3 +28,11 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=columns_of(rows))
         w.writeheader()
         w.writerows(rows)
+
+
+def save_rows(name: str, rows: list[dict]) -> Path:
+    """Write ``rows`` to benchmarks/results/<name>_<time>.csv, say so on stdout, return the path."""
+    path = RESULTS / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    write_csv(path, rows)
+    print(f"wrote {path}")
+    return path

@@ -11,7 +11,7 @@ policy's mean). A diffusion policy's counterpart is the zero-noise decode of its
 the final checkpoint of each run, on the same ``--episodes`` fresh episodes per run (their seeds
 depend on the run's seed only, not on the mode), and prints a table per run, a table per task
 (mean over seeds) and the IQM of return/1000 over all runs with its 95% bootstrap interval (the
-report's own ``iqm_ci``). It writes benchmarks/results/eval_modes-<time>.csv.
+report's own ``iqm_ci``). It writes benchmarks/results/eval_modes_<time>.csv.
 """
 
 from __future__ import annotations
@@ -23,14 +23,12 @@ if __name__ == "__main__" and not __package__:  # python benchmarks/eval_modes.p
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import print_table, write_csv
+from benchmarks.common import print_table, save_rows
 
-OUT = Path(__file__).resolve().parent / "results"
 MODES = ("sample", "zero_noise")
 EPISODE_SEED = 20_261_202
 """Mixed with the run's seed into the benchmark episodes' seeds: other episodes than training's."""
@@ -105,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         est = iqm_ci([np.array([r[f"{m}_mean"] for r in rows if r["task"] == t]) / 1000 for t in tasks])
         interval = "" if est.low is None else f" [{est.low:.3f}, {est.high:.3f}]"
         print(f"IQM return/1000, {m}, {est.n} runs: {est.value:.3f}{interval}")
-    out = OUT / f"eval_modes-{time.strftime('%Y%m%d-%H%M%S')}.csv"
-    write_csv(out, rows)
-    print(f"wrote {out}")
+    save_rows("eval_modes", rows)
     return 0
 
 

@@ -16,14 +16,11 @@ if __name__ == "__main__" and not __package__:  # python benchmarks/onnx_latency
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import print_table, write_csv
-
-OUT = Path(__file__).resolve().parent / "results"
+from benchmarks.common import print_table, save_rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                      "p99.9_us": round(float(np.percentile(t, 99.9)), 1),
                      "p99_per_round_us": " ".join(f"{np.percentile(r, 99):.1f}" for r in rounds)})
     print_table(rows)
-    out = OUT / f"onnx_latency_{time.strftime('%Y%m%d-%H%M%S')}.csv"
-    write_csv(out, rows)
-    print(f"wrote {out}")
+    save_rows("onnx_latency", rows)
     return 0
 
 

@@ -41,6 +41,7 @@ def evaluate(run: Path, episodes: int) -> dict:
     from qsm_robot.envs.dmc import make_env
     from qsm_robot.envs.rollout import run_episodes
     from qsm_robot.qsm.policy import load_policy
+    from qsm_robot.train.loop import SATURATED_AT
     from qsm_robot.train.run_log import read_csv
 
     config = json.loads((run / "config.json").read_text())
@@ -57,7 +58,7 @@ def evaluate(run: Path, episodes: int) -> dict:
         def act(obs: np.ndarray) -> np.ndarray:
             obs_t = torch.as_tensor(obs)
             action = (policy.act(obs_t, generator) if mode == "sample" else policy.decode(obs_t)).numpy()
-            at_bound[0] += int((np.abs(action) >= 0.99).sum())
+            at_bound[0] += int((np.abs(action) >= SATURATED_AT).sum())
             at_bound[1] += action.size
             return action
 

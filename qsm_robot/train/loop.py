@@ -35,6 +35,9 @@ from qsm_robot.train.checkpoint import has_checkpoint, load_train_state, remove_
 from qsm_robot.train.replay import NStepReturns, ReplayBuffer
 from qsm_robot.train.run_log import RunLog
 
+SATURATED_AT = 0.99
+"""An action component this close to a bound of [-1, 1] counts as saturated (eval.csv's ``saturated``)."""
+
 
 class RunDirError(RuntimeError):
     """A run directory that cannot be used as asked."""
@@ -174,7 +177,7 @@ class Trainer:
         def policy(obs: np.ndarray) -> np.ndarray:
             obs_t = torch.as_tensor(obs, device=self.device)
             action = self.learner.act(obs_t, explore=False, generator=self.eval_generator).cpu().numpy()
-            at_bound[0] += int((np.abs(action) >= 0.99).sum())
+            at_bound[0] += int((np.abs(action) >= SATURATED_AT).sum())
             at_bound[1] += action.size
             return action
 

@@ -105,6 +105,10 @@ class TrainConfig:
     """Evaluate every this many policy steps (and at the end)."""
     eval_episodes: int = 10
     """Episodes per evaluation, run side by side in separate envs."""
+    eval_action_samples: int = 1
+    """The evaluation policy: the best of this many diffusion samples under the critics' mean value
+    (Q-selected sampling, :mod:`qsm_robot.qsm.selection`); 1: the plain diffusion sample. Training
+    (exploration, targets, updates) is the same whatever it is; qsm-export distils this policy."""
     log_every: int = 1_000
     """Write training metrics every this many policy steps."""
     checkpoint_every: int = 50_000
@@ -126,7 +130,7 @@ class TrainConfig:
             raise ConfigError(f"task: {exc}") from None
         for name in ("steps", "hidden_dim", "num_layers", "time_dim", "batch_size",
                      "buffer_size", "eval_every", "eval_episodes", "log_every",
-                     "checkpoint_every", "keep_checkpoints", "action_repeat",
+                     "checkpoint_every", "keep_checkpoints", "action_repeat", "eval_action_samples",
                      "actor_lr_decay_steps", "updates_per_step", "n_step"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         need(self.diffusion_steps >= 1, "diffusion_steps", "T must be >= 1")
@@ -226,8 +230,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # random actions, and the scale-free actor target with M_q = 5 (grad_a Q over its running RMS).
     "scalefree": SCALEFREE,
     # The scalefree preset with two critic and actor updates per policy step (update-to-data ratio
-    # 2, in frames 1): issue 11's preset that competes (README, "The preset that competes").
-    "scalefree-utd2": {**SCALEFREE, "updates_per_step": 2},
+    # 2, in frames 1), evaluated (and exported) as the best of 16 diffusion samples under the critics:
+    # issue 11's preset that competes (README, "The preset that competes").
+    "scalefree-utd2": {**SCALEFREE, "updates_per_step": 2, "eval_action_samples": 16},
     # Tiny networks and short intervals: tests, CI and quick looks. Learns nothing useful.
     "smoke": {
         "steps": 2_000, "hidden_dim": 32, "time_dim": 16, "fourier_dim": 8, "batch_size": 32,

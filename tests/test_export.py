@@ -281,6 +281,8 @@ def damage(run_dir, tmp_path, how):
     ("mixture K=2", "mixture makes one network evaluation per action"),
     ("unwritable", "cannot write to"),
     ("suffix", "must name a .onnx file"),
+    ("selected teacher", "--teacher exports the plain T-step chain"),
+    ("selected regression", "--distill-method regression regresses onto the teacher's chain"),
 ])
 def test_bad_input_is_one_clear_line(run_dir, tmp_path, capsys, case, message):
     source, out, extra = str(run_dir), tmp_path / "m.onnx", []
@@ -298,6 +300,10 @@ def test_bad_input_is_one_clear_line(run_dir, tmp_path, capsys, case, message):
         out = blocker / "m.onnx"
     elif case == "suffix":
         out = tmp_path / "m.pt"
+    elif case == "selected teacher":
+        extra = ["--action-samples", "4", "--teacher"]
+    elif case == "selected regression":
+        extra = ["--action-samples", "4", "--distill-method", "regression"]
     assert export_main([source, "--out", str(out)] + extra + FAST) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
@@ -305,7 +311,8 @@ def test_bad_input_is_one_clear_line(run_dir, tmp_path, capsys, case, message):
 
 
 @pytest.mark.parametrize("flag,value", [("--replay-states", "-1"), ("--state-episodes", "0"), ("--min-retention", "2"),
-                                        ("--state-jitter-copies", "-1"), ("--state-jitter", "-0.1")])
+                                        ("--state-jitter-copies", "-1"), ("--state-jitter", "-0.1"),
+                                        ("--action-samples", "0")])
 def test_out_of_range_options_are_usage_errors(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         export_main(["run", "--out", "m.onnx", flag, value])

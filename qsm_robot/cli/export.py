@@ -85,11 +85,14 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     p.add_argument("--parity-samples", type=int, default=d.parity_samples, help="(obs, noise) pairs for the parity gate")
     p.add_argument("--parity-tol", type=float, default=d.parity_tol, help="gate: max |onnxruntime - torch|")
     p.add_argument("--latency-calls", type=int, default=d.latency_calls, help="batch-1 calls timed")
+    p.add_argument("--action-samples", type=int, default=d.action_samples,
+                   help="the policy to distil: the best of N diffusion samples under the run's critics (1: plain "
+                        "samples; default: the run's own evaluation policy, its eval_action_samples)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads for distillation (0: the CPUs this process may run on)")
     a = p.parse_args(argv)
     for name in ("distill_iterations", "distill_batch", "distill_draws", "student_hidden", "student_layers", "state_episodes",
-                 "eval_episodes", "parity_samples", "latency_calls", "fidelity_states", "fidelity_samples"):
+                 "eval_episodes", "parity_samples", "latency_calls", "fidelity_states", "fidelity_samples", "action_samples"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     for name in ("replay_states", "state_jitter_copies", "state_jitter"):
@@ -109,7 +112,7 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
         latency_calls=a.latency_calls, seed=a.seed, progress=sys.stderr.isatty(), distill_method=a.distill_method, distill_draws=a.distill_draws,
         fidelity_states=a.fidelity_states, fidelity_samples=a.fidelity_samples,
         fidelity=FidelityThresholds(w1_mean=a.max_w1, w1_worst=a.max_w1_worst, off_support_mean=a.max_off_support),
-        enforce_distribution=a.enforce_distribution,
+        enforce_distribution=a.enforce_distribution, action_samples=a.action_samples,
     )
     return a.source, opts, a.threads
 
@@ -141,7 +144,9 @@ def summary(report) -> str:
         f"p99.9 {g['latency']['p99.9_us']} us over {g['latency']['calls']} calls, 1 thread",
     ]
     if report.distill_seconds is not None:
-        lines.append(f"distillation      {report.distill_method}, {report.distill_seconds} s, final loss {report.distill_final_loss:.2e}")
+        teacher = f"; teacher: best of {report.action_samples} samples under the critics" if report.action_samples > 1 else ""
+        lines.append(f"distillation      {report.distill_method}, {report.distill_seconds} s, final loss "
+                     f"{report.distill_final_loss:.2e}{teacher}")
     return "\n".join(lines)
 
 

@@ -23,9 +23,10 @@ from qsm_robot.envs import make_env, run_episodes
 from qsm_robot.export import fidelity
 from qsm_robot.export.contract import ModelContract
 from qsm_robot.export.runtime import latency_us, make_session
-from qsm_robot.export.student import ActuatorPolicy, TeacherSampler, default_method, distill, jittered
+from qsm_robot.export.student import DRAW_METHODS, ActuatorPolicy, TeacherSampler, default_method, distill, jittered
 from qsm_robot.files import atomic_write, atomic_write_text
-from qsm_robot.qsm.policy import CheckpointError, load_policy, resolve_checkpoint
+from qsm_robot.qsm.policy import CheckpointError, resolve_checkpoint
+from qsm_robot.qsm.selection import load_selected_policy, run_action_samples
 
 OPSET = 17
 IR_VERSION = 8  # onnx 1.23 would write 14 by default; onnxruntime 1.31 loads up to 13
@@ -82,6 +83,10 @@ class ExportOptions:
     """Refuse an export that fails the distribution gate. Off by default for now: no distillation
     method passes it yet on the trained policies measured (README, "Faithful students"); the
     figures are reported, and a failure is printed as a warning."""
+    action_samples: int | None = None
+    """The policy the student learns: the best of this many diffusion samples under the run's critics
+    (Q-selected sampling, :mod:`qsm_robot.qsm.selection`); 1: the plain diffusion sample; None: the
+    run's own evaluation policy (config.json's ``eval_action_samples``, 1 where it has none)."""
     seed: int = 0
     progress: bool = True
 
@@ -99,6 +104,8 @@ class ExportReport:
     distill_final_loss: float | None = None
     distill_method: str | None = None
     """The student's distillation objective (None for a teacher export)."""
+    action_samples: int = 1
+    """The teacher: the best of this many diffusion samples under the critics (1: plain samples)."""
 
     @property
     def passed(self) -> bool:
@@ -226,11 +233,17 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
     """The whole of qsm-export. Raises ExportError (nothing left at ``opts.out``) on failure."""
     try:
         checkpoint = resolve_checkpoint(source)
-        teacher = load_policy(checkpoint, device="cpu")
+        samples = run_action_samples(checkpoint) if opts.action_samples is None else opts.action_samples
+        if samples < 1:
+            raise ExportError(f"--action-samples must be >= 1, got {samples}")
+        teacher = load_selected_policy(checkpoint, samples, device="cpu")
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     spec = teacher.spec
     T = spec.diffusion_steps
+    if samples > 1 and opts.teacher:
+        raise ExportError(f"--teacher exports the plain T-step chain; this run's policy selects the best of {samples} "
+                          "samples under its critics, which only a student carries: drop --teacher, or pass --action-samples 1")
     if not opts.teacher and not 1 <= opts.student_steps <= T:
         raise ExportError(f"--student-steps must be in 1..{T} (the teacher has T={T}); --teacher exports the teacher's own chain")
     method = opts.distill_method or default_method(opts.student_steps)
@@ -248,16 +261,21 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
     except OSError as exc:
         raise ExportError(f"cannot write to {out.parent}: {exc.strerror or exc}; choose another --out") from None
 
-    noise_shape = (T, spec.act_dim)
+    if samples > 1 and not opts.teacher and method not in DRAW_METHODS:
+        raise ExportError(f"--distill-method {method} regresses onto the teacher's chain run on the student's own noise; "
+                          f"the best of {samples} samples under the critics is no such chain: use one of "
+                          f"{', '.join(DRAW_METHODS)} (they learn from independent draws), or --action-samples 1")
+    noise_shape = (T, spec.act_dim)  # the exported model's noise input per state
+    teacher_noise = teacher.noise_shape  # the teacher's: (samples x T, act_dim) when it selects
     rng = np.random.default_rng(opts.seed)
     torch.manual_seed(opts.seed)
     report = ExportReport(model=str(out), sampler="teacher" if opts.teacher else "student",
                           sampler_steps=T if opts.teacher else opts.student_steps,
-                          distill_method=None if opts.teacher else method)
+                          distill_method=None if opts.teacher else method, action_samples=samples)
 
     # States: teacher rollouts plus, when the checkpoint has one, the replay buffer.
     seen: list[np.ndarray] = []
-    teacher_fn = torch_policy_fn(TeacherSampler(teacher), noise_shape, np.random.default_rng(opts.seed + 1))
+    teacher_fn = torch_policy_fn(TeacherSampler(teacher), teacher_noise, np.random.default_rng(opts.seed + 1))
     rollout(teacher_fn, spec.task, spec.action_repeat, opts.state_episodes, opts.seed + 1000, seen)
     states = np.concatenate(seen)
     from_replay = replay_states(checkpoint, opts.replay_states, rng) if opts.replay_states else None
@@ -299,10 +317,11 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
 
     report.gates["parity"] = check_parity(session, exported, states, noise_shape, opts.parity_samples, opts.parity_tol, rng)
 
-    # Return retention: the ONNX model in actuator units against the torch teacher, same seeds and noise.
+    # Return retention: the ONNX model in actuator units against the torch teacher, same seeds (and, when
+    # the teacher draws one chain per action, the same noise).
     teacher_actuator = ActuatorPolicy(TeacherSampler(teacher), spec.action_low, spec.action_high).eval()
     observed: list[np.ndarray] = []  # the evaluation episodes' states: held out from distillation
-    t_returns = rollout(torch_policy_fn(teacher_actuator, noise_shape, np.random.default_rng(7)),
+    t_returns = rollout(torch_policy_fn(teacher_actuator, teacher_noise, np.random.default_rng(7)),
                         spec.task, spec.action_repeat, opts.eval_episodes, opts.seed + 2000, record=observed, rescale=False)
     s_returns = rollout(onnx_policy_fn(session, noise_shape, np.random.default_rng(7)),
                         spec.task, spec.action_repeat, opts.eval_episodes, opts.seed + 2000, rescale=False)
@@ -318,7 +337,7 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
     held_out = held_out[rng.choice(len(held_out), min(opts.fidelity_states, len(held_out)), replace=False)]
     if not opts.teacher:
         report.gates["distribution"] = fidelity.measure(
-            sampler_fn(teacher_actuator, noise_shape), onnx_sampler_fn(session, noise_shape), held_out,
+            sampler_fn(teacher_actuator, teacher_noise), onnx_sampler_fn(session, noise_shape), held_out,
             spec.action_low, spec.action_high, opts.fidelity_samples, opts.seed, opts.fidelity)
         report.gates["distribution"]["enforced"] = opts.enforce_distribution
 
@@ -338,11 +357,12 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
         make_session(tmp)  # what was written loads
 
     atomic_write(out, save_and_load)
-    write_report(report, out, exported, teacher_actuator, held_out, noise_shape, rng)
+    write_report(report, out, exported, teacher_actuator, held_out, noise_shape, teacher_noise, rng)
     return report
 
 
-def write_report(report: ExportReport, out: Path, student, teacher, states: np.ndarray, noise_shape, rng) -> None:
+def write_report(report: ExportReport, out: Path, student, teacher, states: np.ndarray, noise_shape, teacher_noise,
+                 rng) -> None:
     """NAME.report.json and NAME.actions.png beside the model."""
     atomic_write_text(out.with_suffix(".report.json"), json.dumps(asdict(report) | {"passed": report.passed}, indent=2))
     import matplotlib
@@ -361,12 +381,13 @@ def write_report(report: ExportReport, out: Path, student, teacher, states: np.n
     for j, (k, s) in enumerate(zip(order, picks)):
         obs = np.repeat(s[None], 2000, 0)
         with torch.no_grad():  # independent draws: the distributions, not a shared-noise pairing
-            a_t = teacher(torch.from_numpy(obs), torch.from_numpy(rng.standard_normal((2000, *noise_shape), dtype=np.float32))).numpy()
+            a_t = teacher(torch.from_numpy(obs), torch.from_numpy(rng.standard_normal((2000, *teacher_noise), dtype=np.float32))).numpy()
             a_s = student(torch.from_numpy(obs), torch.from_numpy(rng.standard_normal((2000, *noise_shape), dtype=np.float32))).numpy()
         for i in dims:
             ax = axes[i][j]
             bins = np.linspace(min(a_t[:, i].min(), a_s[:, i].min()), max(a_t[:, i].max(), a_s[:, i].max()) + 1e-6, 40)
-            ax.hist(a_t[:, i], bins=bins, alpha=0.5, label="teacher (torch, T steps)")
+            ax.hist(a_t[:, i], bins=bins, alpha=0.5, label="teacher (torch, T steps" + (
+                f", best of {report.action_samples})" if report.action_samples > 1 else ")"))
             ax.hist(a_s[:, i], bins=bins, alpha=0.5, label=f"exported ({report.sampler}, {report.sampler_steps} steps)")
             extra = ""
             if dist is not None:

@@ -225,11 +225,10 @@ def teacher_draws(teacher: DiffusionPolicy, states: torch.Tensor, draws: int, ge
                   pairs: int = OT_PAIRS) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed training set of teacher samples: (state index [P], sample [P, act]), ``draws``
     independent samples at each of min(len(states), pairs // draws) states, grouped by state."""
-    spec = teacher.spec
     n = min(len(states), max(1, pairs // draws))
     index = torch.randperm(len(states), generator=gen)[:n].repeat_interleave(draws)
     with torch.no_grad():
-        samples = torch.cat([teacher.sample(states[i], torch.randn(len(i), spec.diffusion_steps, spec.act_dim, generator=gen))
+        samples = torch.cat([teacher.sample(states[i], torch.randn(len(i), *teacher.noise_shape, generator=gen))
                              for i in index.split(8192)])
     return index, samples
 
@@ -285,13 +284,20 @@ def distill(
     ``method``: one of :data:`METHODS`; ``iterations`` and ``draws`` (samples per state for energy,
     ot and mixture): None takes :func:`method_default`. energy's batch is batch_size // draws states
     x draws samples; ot's and mixture's are batch_size rows of their fixed training sets
-    (:func:`ot_dataset`, :func:`teacher_draws`). A mixture student has one step (K=1)."""
+    (:func:`ot_dataset`, :func:`teacher_draws`). A mixture student has one step (K=1).
+
+    ``teacher`` is a :class:`DiffusionPolicy` or anything with its ``spec``, ``noise_shape`` and
+    ``sample(obs, noise)``, such as a :class:`~qsm_robot.qsm.selection.QSelectedPolicy` (whose
+    noise is several chains': only the methods of :data:`DRAW_METHODS` learn from it)."""
     if method not in METHODS:
         raise ValueError(f"distillation method must be one of {', '.join(METHODS)}, got {method!r}")
     iterations = method_default(method, "iterations") if iterations is None else iterations
     draws = method_default(method, "draws") if draws is None else draws
     spec = teacher.spec
     T, A = spec.diffusion_steps, spec.act_dim
+    if tuple(teacher.noise_shape) != (T, A) and method not in DRAW_METHODS:
+        raise ValueError(f"distillation method {method} pairs the student's noise with the teacher's chain; this teacher "
+                         f"draws {teacher.noise_shape[0] // T} chains per action: use one of {', '.join(DRAW_METHODS)}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     if method == "mixture":
@@ -323,10 +329,11 @@ def distill(
             n_states = max(1, batch_size // draws)
             idx = torch.randint(0, states.shape[0], (n_states,), generator=gen)
             obs = states[idx].repeat_interleave(draws, 0)
-            shape = (n_states * draws, T, A)
             with torch.no_grad():  # independent noise: the teacher's draws are not paired with the student's
-                target = teacher.sample(obs, torch.randn(shape, generator=gen)).view(n_states, draws, -1)
-            loss = energy_score_loss(student(obs, torch.randn(shape, generator=gen)).view(n_states, draws, -1), target)
+                noise = torch.randn(n_states * draws, *teacher.noise_shape, generator=gen)
+                target = teacher.sample(obs, noise).view(n_states, draws, -1)
+            student_noise = torch.randn(n_states * draws, T, A, generator=gen)
+            loss = energy_score_loss(student(obs, student_noise).view(n_states, draws, -1), target)
         else:  # shared noise: regression, l1, stepwise
             idx = torch.randint(0, states.shape[0], (batch_size,), generator=gen)
             obs = states[idx]

@@ -192,6 +192,11 @@ class DiffusionPolicy(torch.nn.Module):
         )
         self.schedule = DiffusionSchedule(spec.schedule, spec.diffusion_steps)
 
+    @property
+    def noise_shape(self) -> tuple[int, int]:
+        """The ``noise`` input of :meth:`sample` per state: (T, act_dim)."""
+        return self.spec.diffusion_steps, self.spec.act_dim
+
     def sample(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Deterministic in (obs, noise); noise is [B, T, act_dim] standard normal."""
         return ddpm_sample(

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from qsm_robot.checkpoint_layout import REPLAY_STATE
+from qsm_robot.checkpoint_layout import CRITIC_STATE, REPLAY_STATE
 from qsm_robot.config import TrainConfig, resolve_device, resolve_threads
 from qsm_robot.envs import env_info, get_env_state, make_env, run_episodes, set_env_state
 from qsm_robot.files import atomic_write_text
@@ -31,6 +32,7 @@ from qsm_robot.files import remove_temporaries as remove_temporary_files
 from qsm_robot.policy_io import PolicyIO
 from qsm_robot.qsm.learner import QSMConfig, QSMLearner
 from qsm_robot.qsm.policy import PolicySpec
+from qsm_robot.qsm.selection import best_of
 from qsm_robot.train.checkpoint import has_checkpoint, load_train_state, remove_temporaries, save_checkpoint
 from qsm_robot.train.replay import NStepReturns, ReplayBuffer
 from qsm_robot.train.run_log import RunLog
@@ -118,7 +120,7 @@ class Trainer:
     def _train_state(self) -> dict:
         L = self.learner
         return {
-            "critic": L.critic.state_dict(), "critic_target": L.critic_target.state_dict(),
+            CRITIC_STATE: L.critic.state_dict(), "critic_target": L.critic_target.state_dict(),
             "actor_opt": L.actor_opt.state_dict(), "critic_opt": L.critic_opt.state_dict(),
             "actor_lr_schedule": L.actor_lr_schedule.state_dict(), "num_updates": L.num_updates,
             "generator": L.generator.get_state(), "eval_generator": self.eval_generator.get_state(),
@@ -142,7 +144,7 @@ class Trainer:
         ckpt, s = load_train_state(self.run_dir)
         L = self.learner
         L.denoiser.load_state_dict(load_file(str(ckpt / "policy.safetensors"), device=str(self.device)))
-        L.critic.load_state_dict(s["critic"])
+        L.critic.load_state_dict(s[CRITIC_STATE])
         L.critic_target.load_state_dict(s["critic_target"])
         L.actor_opt.load_state_dict(s["actor_opt"])
         L.critic_opt.load_state_dict(s["critic_opt"])
@@ -176,7 +178,8 @@ class Trainer:
 
         def policy(obs: np.ndarray) -> np.ndarray:
             obs_t = torch.as_tensor(obs, device=self.device)
-            action = self.learner.act(obs_t, explore=False, generator=self.eval_generator).cpu().numpy()
+            draw = partial(self.learner.act, explore=False, generator=self.eval_generator)
+            action = best_of(obs_t, draw, self.learner.critic, self.cfg.eval_action_samples).cpu().numpy()
             at_bound[0] += int((np.abs(action) >= SATURATED_AT).sum())
             at_bound[1] += action.size
             return action

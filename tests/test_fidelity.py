@@ -86,6 +86,8 @@ class BimodalTeacher:
     class spec:
         obs_dim, act_dim, diffusion_steps = 3, 1, 5
 
+    noise_shape = (5, 1)  # (T, act_dim), as DiffusionPolicy.noise_shape
+
     def sample(self, obs, noise):
         return torch.sign(torch.sin(40 * noise[:, 0, :1]) + 1e-6)
 

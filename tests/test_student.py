@@ -103,6 +103,8 @@ class CountingTeacher:
     class spec:
         obs_dim, act_dim, diffusion_steps = 2, 1, 3
 
+    noise_shape = (3, 1)  # (T, act_dim), as DiffusionPolicy.noise_shape
+
     def sample(self, obs, noise):
         return obs[:, :1] + noise[:, 0]
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.numpy import load_file as load_np, save_file as save_np
 from safetensors.torch import load_file
 from torch import nn
 
@@ -12,6 +13,7 @@ from qsm_robot.checkpoint_layout import CRITIC_STATE
 from qsm_robot.cli.export import main as export_main
 from qsm_robot.cli.train import main as train_main
 from qsm_robot.config import ConfigError, preset_config
+from qsm_robot.export.exporter import ExportError, teacher_sha256
 from qsm_robot.policy_io import PolicyIO
 from qsm_robot.qsm.networks import CriticEnsemble
 from qsm_robot.qsm.policy import CheckpointError, DiffusionPolicy, PolicySpec, load_policy, resolve_checkpoint
@@ -156,7 +158,31 @@ def test_export_distils_the_runs_own_evaluation_policy_by_default(runs, tmp_path
     assert report["gates"]["distribution"]["states"] == 32  # measured against the selected teacher
     # The exported model's noise input is the student's own, one chain's shape.
     from qsm_robot.export.runtime import make_session, read_contract
-    assert read_contract(make_session(out)).noise_shape == ["batch", 5, 1]
+    contract = read_contract(make_session(out))
+    assert contract.noise_shape == ["batch", 5, 1]
+    # The contract names the teacher it was distilled from: the policy and, selected, its critics.
+    ckpt = resolve_checkpoint(runs[1])
+    assert contract.teacher_sha256 == teacher_sha256(ckpt, 4) != teacher_sha256(ckpt, 1)
     # --action-samples 1 overrides the run's setting.
     assert export_main([str(runs[1]), "--out", str(tmp_path / "plain.onnx"), "--action-samples", "1"] + FAST) == 0
     assert json.loads((tmp_path / "plain.report.json").read_text())["action_samples"] == 1
+    assert read_contract(make_session(tmp_path / "plain.onnx")).teacher_sha256 == teacher_sha256(ckpt, 1)
+
+
+def test_a_selected_teachers_hash_follows_its_critics_and_the_plain_ones_does_not(runs, tmp_path):
+    import shutil
+
+
+    run = tmp_path / "copy"
+    shutil.copytree(runs[1], run)
+    ckpt = resolve_checkpoint(run)
+    plain, selected = teacher_sha256(ckpt, 1), teacher_sha256(ckpt, 4)
+    assert plain != selected and teacher_sha256(ckpt, 16) == selected  # the hash names the files, not N
+    tensors = load_np(str(ckpt / "train_state.safetensors"))
+    critic_key = next(k for k in sorted(tensors) if k.startswith(f"state.{CRITIC_STATE}."))
+    tensors[critic_key] = tensors[critic_key] + 1e-3
+    save_np(tensors, str(ckpt / "train_state.safetensors"))
+    assert teacher_sha256(ckpt, 1) == plain and teacher_sha256(ckpt, 4) != selected
+    (ckpt / "train_state.safetensors").unlink()
+    with pytest.raises(ExportError, match="holds no critics"):
+        teacher_sha256(ckpt, 4)

@@ -44,7 +44,9 @@ class ModelContract:
     noise_shape: list
     """Shape of the ``noise`` input: ["batch", T, act_dim], standard normal float32."""
     teacher_sha256: str
-    """SHA-256 of the teacher checkpoint's policy.json bytes followed by its policy.safetensors bytes."""
+    """SHA-256 of the teacher checkpoint's policy.json bytes followed by its policy.safetensors bytes,
+    and, for a teacher that selects the best of N > 1 samples under the critics, the critics' tensors
+    (``qsm_robot.export.exporter.teacher_sha256``)."""
     teacher_step: int
     """Environment steps the teacher was trained for."""
     verification: dict = field(default_factory=dict)

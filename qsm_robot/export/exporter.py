@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import torch
 
-from qsm_robot.checkpoint_layout import replay_observations
+from qsm_robot.checkpoint_layout import critic_state, replay_observations
 from qsm_robot.envs import make_env, run_episodes
 from qsm_robot.export import fidelity
 from qsm_robot.export.contract import ModelContract
@@ -113,10 +113,21 @@ class ExportReport:
         return all(g["passed"] or not g.get("enforced", True) for g in self.gates.values())
 
 
-def teacher_sha256(checkpoint: Path) -> str:
+def teacher_sha256(checkpoint: Path, action_samples: int = 1) -> str:
+    """The teacher's identity: its policy.json and policy.safetensors bytes, then, for a teacher that
+    selects the best of ``action_samples`` > 1 samples under the critics, the critics' tensors (name,
+    dtype, shape and bytes, in name order): a selected teacher is the policy *and* its critics."""
     h = hashlib.sha256()
     for name in ("policy.json", "policy.safetensors"):
         h.update((checkpoint / name).read_bytes())
+    if action_samples > 1:
+        critics = critic_state(checkpoint)
+        if critics is None:
+            raise ExportError(f"{checkpoint} holds no critics: a teacher of the best of {action_samples} samples needs them")
+        for key in sorted(critics):
+            value = np.ascontiguousarray(critics[key])
+            h.update(f"{key}:{value.dtype.str}:{value.shape}".encode())
+            h.update(value.tobytes())
     return h.hexdigest()
 
 
@@ -305,7 +316,7 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
     contract = ModelContract(
         io=spec.io, sampler=report.sampler, sampler_steps=report.sampler_steps, teacher_steps=T,
         schedule=spec.schedule, noise_shape=["batch", T, spec.act_dim],
-        teacher_sha256=teacher_sha256(checkpoint), teacher_step=spec.step,
+        teacher_sha256=teacher_sha256(checkpoint, samples), teacher_step=spec.step,
     )
     model = to_onnx(exported, spec.obs_dim, noise_shape, contract)
     report.gates["graph"] = check_graph(model)

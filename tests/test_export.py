@@ -162,10 +162,18 @@ def test_cli_exports_a_verified_model_with_its_contract_and_report(run_dir, tmp_
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
 
-def test_a_two_step_student_defaults_to_regression_and_can_use_rollout_states_only(run_dir, tmp_path, capsys):
+def test_a_two_step_student_defaults_to_regression_and_can_use_rollout_states_only(run_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "k2.onnx"
+    seeds = []  # the task seeds of every rollout: distillation states, then the gates' held-out episodes
+    real_rollout = exporter.rollout
+    monkeypatch.setattr(exporter, "rollout", lambda fn, task, repeat, episodes, seed, *a, **k:
+                        seeds.append(range(seed, seed + episodes)) or real_rollout(fn, task, repeat, episodes, seed, *a, **k))
     assert export_main([str(run_dir), "--out", str(out), "--min-retention", "0", "--student-steps", "2",
-                        "--replay-states", "0"] + FAST) == 0
+                        "--replay-states", "0", "--state-episodes", "3"] + FAST[:6] + FAST[8:]) == 0
+    # No held-out episode (the retention gate's, whose states the distribution gate uses) is a distillation episode.
+    (states, teacher_eval, student_eval) = seeds
+    assert len(states) == 3 and teacher_eval == student_eval and not set(states) & set(teacher_eval)
+    assert states.start >= teacher_eval.stop  # above them: no number of rollouts reaches a held-out seed
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert "(without replay buffer)" in text and "qsm-export summary: PASSED" in text
@@ -173,6 +181,18 @@ def test_a_two_step_student_defaults_to_regression_and_can_use_rollout_states_on
     contract = read_contract(make_session(out))
     assert (contract.sampler, contract.sampler_steps, contract.noise_shape) == ("student", 2, ["batch", 5, 1])
     assert contract.verification["parity"]["max_abs_diff"] <= 1e-5
+
+
+def test_rollouts_run_in_chunks_with_the_same_seeds_and_states_as_all_at_once(monkeypatch):
+    from qsm_robot.envs import run_episodes
+
+    policy = lambda obs: np.tanh(obs[:, :1])  # noqa: E731  (deterministic, state-dependent)
+    together: list = []
+    expected = run_episodes(policy, [make_env("cartpole-swingup", seed=40 + i, action_repeat=4) for i in range(5)], together)
+    monkeypatch.setattr(exporter, "ROLLOUT_CHUNK", 2)
+    chunked: list = []
+    assert exporter.rollout(policy, "cartpole-swingup", 4, 5, 40, chunked) == expected
+    assert np.array_equal(np.sort(np.concatenate(chunked), axis=0), np.sort(np.concatenate(together), axis=0))
 
 
 def test_teacher_export_matches_the_torch_sampler(run_dir, tmp_path):

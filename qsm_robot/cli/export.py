@@ -73,7 +73,7 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     p.add_argument("--distill-draws", type=int, default=d.distill_draws,
                    help="samples per state for the methods that compare distributions (energy, ot, mixture; default: "
                         + _per_method("draws") + ")")
-    p.add_argument("--state-episodes", type=int, default=d.state_episodes, help="teacher rollouts that provide distillation states")
+    p.add_argument("--state-episodes", type=int, default=d.state_episodes, help="teacher rollouts that provide distillation states (run 64 at a time)")
     p.add_argument("--replay-states", type=int, default=d.replay_states,
                    help="at most this many replay-buffer observations join the rollout states (0: none)")
     p.add_argument("--state-jitter-copies", type=int, default=d.state_jitter_copies,

@@ -161,14 +161,16 @@ DRAW_METHODS = ("mixture", "ot", "energy")
 
 DEFAULTS = {"iterations": 3000, "draws": 16}
 """Distillation iterations and samples per state (energy, ot) where a method has no default of its own."""
-METHOD_DEFAULTS = {"ot": {"iterations": 20_000, "draws": 256}, "mixture": {"iterations": 20_000, "draws": 4}}
+METHOD_DEFAULTS = {"ot": {"iterations": 20_000, "draws": 256}, "mixture": {"iterations": 20_000, "draws": 1}}
 """ot and mixture train on a fixed set (no teacher call per iteration: cheap iterations, and more
 of them). ot needs many draws per state: with m draws the pairing puts each step between two modes
 at an empirical quantile that is off by about 1/sqrt(m), and the student learns that blur. The
-mixture's likelihood needs no pairing, so its set spreads over more states instead (4 draws at each
-of up to 2^17 states: qsm-export's states with their jittered copies, :func:`jittered`)."""
+mixture's likelihood needs no pairing, so its set spreads over as many states as it can (one draw
+at each of up to 2^19 states: qsm-export's states with their jittered copies, :func:`jittered`;
+on a reacher-easy policy with 512 rollouts, held-out W1 0.071 and 5.2% off support, against 0.073
+and 5.8% with 4 draws at each of 2^17 states: the same number of teacher samples)."""
 OT_PAIRS = 2 ** 19
-"""(state, draw) pairs in the ot training set: min(states available, OT_PAIRS // draws) states."""
+"""(state, draw) pairs in the fixed training set of ot and mixture: min(states available, OT_PAIRS // draws) states."""
 OT_POWER = 0.5
 """ot's loss is |error|^0.5 (concave): between two modes it costs more than at either, so where the
 pairing's targets disagree the student takes one mode instead of their average or median."""

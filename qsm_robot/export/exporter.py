@@ -72,7 +72,11 @@ class ExportOptions:
     the teacher like the rest (0: none): the student learns the teacher between visited states."""
     state_jitter: float = 0.03
     """The copies' noise, as a fraction of the states' per-dimension standard deviation."""
-    eval_episodes: int = 5
+    eval_episodes: int = 20
+    """Episodes of the return-retention gate (teacher and model on the same task seeds and noise
+    stream; their states are the distribution gate's held-out states). Five were too few to gate
+    on: one cartpole-swingup student scored 93.4% on the gate's five episodes, 96.5% and 100.1%
+    on two other sets of five, and 100.8% on both sets of twenty (README, "Faithful students")."""
     min_retention: float = 0.95
     parity_samples: int = 1000
     parity_tol: float = 1e-5

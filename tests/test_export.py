@@ -166,8 +166,12 @@ def test_a_two_step_student_defaults_to_regression_and_can_use_rollout_states_on
     out = tmp_path / "k2.onnx"
     seeds = []  # the task seeds of every rollout: distillation states, then the gates' held-out episodes
     real_rollout = exporter.rollout
-    monkeypatch.setattr(exporter, "rollout", lambda fn, task, repeat, episodes, seed, *a, **k:
-                        seeds.append(range(seed, seed + episodes)) or real_rollout(fn, task, repeat, episodes, seed, *a, **k))
+
+    def recorded_rollout(fn, task, repeat, episodes, seed, *args, **kwargs):
+        seeds.append(range(seed, seed + episodes))
+        return real_rollout(fn, task, repeat, episodes, seed, *args, **kwargs)
+
+    monkeypatch.setattr(exporter, "rollout", recorded_rollout)
     assert export_main([str(run_dir), "--out", str(out), "--min-retention", "0", "--student-steps", "2",
                         "--replay-states", "0", "--state-episodes", "3"] + FAST[:6] + FAST[8:]) == 0
     # No held-out episode (the retention gate's, whose states the distribution gate uses) is a distillation episode.
@@ -190,8 +194,11 @@ def test_rollouts_run_in_chunks_with_the_same_seeds_and_states_as_all_at_once(mo
     together: list = []
     expected = run_episodes(policy, [make_env("cartpole-swingup", seed=40 + i, action_repeat=4) for i in range(5)], together)
     monkeypatch.setattr(exporter, "ROLLOUT_CHUNK", 2)
+    sizes = []  # envs side by side in each batch: at most ROLLOUT_CHUNK
+    monkeypatch.setattr(exporter, "run_episodes", lambda fn, envs, record: sizes.append(len(envs)) or run_episodes(fn, envs, record))
     chunked: list = []
     assert exporter.rollout(policy, "cartpole-swingup", 4, 5, 40, chunked) == expected
+    assert sizes == [2, 2, 1]
     assert np.array_equal(np.sort(np.concatenate(chunked), axis=0), np.sort(np.concatenate(together), axis=0))
 
 

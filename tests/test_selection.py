@@ -9,7 +9,7 @@ from safetensors.numpy import load_file as load_np, save_file as save_np
 from safetensors.torch import load_file
 from torch import nn
 
-from qsm_robot.checkpoint_layout import CRITIC_STATE
+from qsm_robot.checkpoint_layout import CRITIC_STATE, STATE_PREFIX
 from qsm_robot.cli.export import main as export_main
 from qsm_robot.cli.train import main as train_main
 from qsm_robot.config import ConfigError, preset_config
@@ -172,14 +172,13 @@ def test_export_distils_the_runs_own_evaluation_policy_by_default(runs, tmp_path
 def test_a_selected_teachers_hash_follows_its_critics_and_the_plain_ones_does_not(runs, tmp_path):
     import shutil
 
-
     run = tmp_path / "copy"
     shutil.copytree(runs[1], run)
     ckpt = resolve_checkpoint(run)
     plain, selected = teacher_sha256(ckpt, 1), teacher_sha256(ckpt, 4)
     assert plain != selected and teacher_sha256(ckpt, 16) == selected  # the hash names the files, not N
     tensors = load_np(str(ckpt / "train_state.safetensors"))
-    critic_key = next(k for k in sorted(tensors) if k.startswith(f"state.{CRITIC_STATE}."))
+    critic_key = next(k for k in sorted(tensors) if k.startswith(f"{STATE_PREFIX}.{CRITIC_STATE}."))
     tensors[critic_key] = tensors[critic_key] + 1e-3
     save_np(tensors, str(ckpt / "train_state.safetensors"))
     assert teacher_sha256(ckpt, 1) == plain and teacher_sha256(ckpt, 4) != selected

@@ -55,15 +55,18 @@ def test_action_repeat_shortens_episodes_and_sums_rewards():
     assert steps == 250 and 0 < total <= 1000
 
 
-def test_same_seed_same_episode_and_state_restores_mid_episode():
-    a, b = make_env("walker-walk", seed=3), make_env("walker-walk", seed=3)
+@pytest.mark.parametrize("task", ["walker-walk", "reacher-easy", "finger-turn_easy"])
+def test_same_seed_same_episode_and_state_restores_mid_episode(task):
+    """reacher and finger place their targets in the MuJoCo model (not its data) at each reset:
+    the restored env must continue towards the saved episode's target, not its own."""
+    a, b = make_env(task, seed=3), make_env(task, seed=3)
     assert np.array_equal(a.reset()[0], b.reset()[0])
-    actions = np.random.default_rng(0).uniform(-1, 1, (60, 6)).astype(np.float32)
+    actions = np.random.default_rng(0).uniform(-1, 1, (60, *a.action_space.shape)).astype(np.float32)
     for act in actions[:30]:
         a.step(act)
     state = get_env_state(a)
     expected = [a.step(act)[0] for act in actions[30:]]
-    other = make_env("walker-walk", seed=99)
+    other = make_env(task, seed=99)
     other.reset()
     set_env_state(other, state)
     assert all(np.array_equal(x, other.step(act)[0]) for x, act in zip(expected, actions[30:]))

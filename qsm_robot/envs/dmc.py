@@ -163,11 +163,20 @@ def _dm_env(env: gym.Env):
     return env.unwrapped._env
 
 
+EPISODE_MODEL_FIELDS = ("body_pos", "body_quat", "geom_pos", "geom_size", "geom_rgba", "site_pos", "site_size",
+                        "site_rgba", "light_pos", "dof_damping", "hfield_data")
+"""MuJoCo *model* arrays that dm_control tasks change when an episode starts, outside the data
+state: reacher's target (geom_pos, geom_size), finger's (site_pos, site_size), manipulator's and
+stacker's (body_pos), swimmer's light, quadruped's terrain (hfield_data). Without them a resumed
+reacher-easy run continued its episode towards the model file's default target."""
+
+
 def get_env_state(env: gym.Env) -> dict[str, Any]:
     """Everything needed to continue ``env`` bit-for-bit later, mid-episode included.
 
     The physics is saved with MuJoCo's full integration state (which includes the solver's
-    warm start), the task's random state and the time-limit counter with it.
+    warm start), the model arrays of :data:`EPISODE_MODEL_FIELDS`, the task's random state and the
+    time-limit counter with it.
     """
     dm_env = _dm_env(env)
     physics = dm_env.physics
@@ -177,6 +186,7 @@ def get_env_state(env: gym.Env) -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = dm_env.task.random.get_state()
     return {
         "physics": state.tolist(),
+        "model": {name: getattr(physics.model, name).tolist() for name in EPISODE_MODEL_FIELDS},
         "step_count": int(dm_env._step_count),
         "reset_next_step": bool(dm_env._reset_next_step),
         "random": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
@@ -189,6 +199,9 @@ def set_env_state(env: gym.Env, state: dict[str, Any]) -> None:
     physics = dm_env.physics
     spec = mujoco.mjtState.mjSTATE_INTEGRATION
     values = np.asarray(state["physics"], dtype=np.float64)
+    for name, value in state.get("model", {}).items():  # checkpoints before EPISODE_MODEL_FIELDS held none
+        field = getattr(physics.model, name)
+        field[...] = np.asarray(value, dtype=field.dtype).reshape(field.shape)
     mujoco.mj_setState(physics.model.ptr, physics.data.ptr, values, spec)
     mujoco.mj_forward(physics.model.ptr, physics.data.ptr)
     dm_env._step_count = state["step_count"]

@@ -154,7 +154,7 @@ def test_cli_exports_a_verified_model_with_its_contract_and_report(run_dir, tmp_
     assert report["passed"] and set(report["gates"]) == {"graph", "parity", "retention", "latency", "distribution"}
     assert report["distill_method"] == "mixture" and "distillation      mixture," in text  # the K=1 default
     dist = report["gates"]["distribution"]  # measured on held-out states, reported, not enforced by default
-    assert dist["enforced"] is False and dist["states"] == 32 and 0 <= dist["w1_mean"] <= dist["w1_worst"] <= 1
+    assert dist["enforced"] is False and dist["states"] == exporter.ExportOptions.fidelity_states and 0 <= dist["w1_mean"] <= dist["w1_worst"] <= 1
     assert "distribution      W1/range mean" in text
     parity = report["gates"]["parity"]  # against float64 torch; tolerance = base + 2 x torch float32's own error
     assert parity["tolerance"] == pytest.approx(parity["base_tolerance"] + 2 * parity["torch_float32_error"])

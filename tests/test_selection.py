@@ -13,7 +13,7 @@ from qsm_robot.checkpoint_layout import CRITIC_STATE, STATE_PREFIX
 from qsm_robot.cli.export import main as export_main
 from qsm_robot.cli.train import main as train_main
 from qsm_robot.config import ConfigError, preset_config
-from qsm_robot.export.exporter import ExportError, teacher_sha256
+from qsm_robot.export.exporter import ExportError, ExportOptions, teacher_sha256
 from qsm_robot.policy_io import PolicyIO
 from qsm_robot.qsm.networks import CriticEnsemble
 from qsm_robot.qsm.policy import CheckpointError, DiffusionPolicy, PolicySpec, load_policy, resolve_checkpoint
@@ -155,7 +155,7 @@ def test_export_distils_the_runs_own_evaluation_policy_by_default(runs, tmp_path
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["action_samples"] == 4 and report["distill_method"] == "mixture"
     assert "teacher: best of 4 samples under the critics" in text
-    assert report["gates"]["distribution"]["states"] == 32  # measured against the selected teacher
+    assert report["gates"]["distribution"]["states"] == ExportOptions.fidelity_states  # measured against the selected teacher
     # The exported model's noise input is the student's own, one chain's shape.
     from qsm_robot.export.runtime import make_session, read_contract
     contract = read_contract(make_session(out))

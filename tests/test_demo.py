@@ -59,3 +59,21 @@ def test_demo_serves_any_shape_and_the_loop_equals_the_offline_rollout(tmp_path,
         warnings.warn(f"{task}: a command was late (robot late {robot['commands_late']}, one tick late "
                       f"{robot['commands_one_tick_late']}, node fallbacks {summary['node_fallbacks']}): "
                       "closed-loop and offline returns not compared")
+
+
+@pytest.mark.parametrize("codes,expected_rc,calls", [([0], 0, 1), ([2, 0], 0, 2), ([2, 2, 2], 2, 3)])
+def test_the_demo_measures_again_after_a_refused_calibration_and_says_so(capsys, codes, expected_rc, calls):
+    from qsm_robot.cli.demo import calibrate
+
+    seen = []
+
+    def fake_serve_main(argv):
+        seen.append(argv)
+        return codes[len(seen) - 1]
+
+    assert calibrate(fake_serve_main, ["--model", "m.onnx"], attempts=3) == expected_rc
+    assert seen == [["calibrate", "--model", "m.onnx"]] * calls
+    err = capsys.readouterr().err
+    assert err.count("refused (above); measuring again") == calls - 1  # after each refusal but the last
+    with pytest.raises(ValueError, match="attempts must be >= 1"):
+        calibrate(fake_serve_main, [], attempts=0)

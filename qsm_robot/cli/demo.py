@@ -37,6 +37,11 @@ VIDEO_FPS = 20
 """Frames per second of the demo's video: software rendering costs ~20 ms of CPU a frame."""
 NOISE_SEED = 0
 """Seed of the node's noise stream (qsm-serve run --seed; the offline rollout uses the same)."""
+CALIBRATION_ATTEMPTS = 3
+"""Calibrations the demo runs before it gives up. A shared VM stalls for milliseconds now and then,
+and one stall among the latency calls can put p99.9 past the period's limit (seen: 4.0 ms once,
+where three reruns on the same idle host measured 0.44-0.64 ms). The demo says so and measures
+again; ``qsm-serve calibrate`` itself never retries."""
 
 
 def export_args(preset: str) -> list[str]:
@@ -50,6 +55,20 @@ def export_args(preset: str) -> list[str]:
         return []
     return ["--distill-iterations", "500", "--student-hidden", "64", "--state-episodes", "2",
             "--eval-episodes", "2", "--min-retention", "0", "--latency-calls", "500"]
+
+
+def calibrate(serve_main, args: list[str], attempts: int = CALIBRATION_ATTEMPTS) -> int:
+    """``qsm-serve calibrate`` with ``args``, again after a refusal, at most ``attempts`` times; the
+    last exit status. A refused calibration writes nothing, so a rerun starts clean."""
+    if attempts < 1:
+        raise ValueError(f"calibration attempts must be >= 1, got {attempts}")
+    for attempt in range(1, attempts + 1):
+        rc = serve_main(["calibrate", *args])
+        if rc == 0 or attempt == attempts:
+            return rc
+        print(f"qsm-demo: calibration attempt {attempt} of {attempts} refused (above); measuring again "
+              "(a stall of this host is the usual cause of a refused latency budget)", file=sys.stderr, flush=True)
+    return rc
 
 
 def offline_returns(session, contract, profile, episodes: int, episode_steps: int) -> list[float]:
@@ -158,13 +177,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n== 4/5 qsm-serve calibrate: latency on this host, envelope from 1 closed-loop episode ==", flush=True)
     calibration = out / "calib" / "demo.json"
-    rc = serve_main(["calibrate", "--model", str(model), "--profile", str(profile_path), "--name", "demo",
-                     "--out", str(calibration), "--latency-calls", str(a.calibration_calls), "--episodes", "1",
-                     "--budget-margin", str(a.budget_margin), "--max-budget-fraction", str(a.max_budget_fraction),
-                     "--delta-margin", str(a.delta_margin),
-                     "--episode-steps", str(episode_steps)])
+    rc = calibrate(serve_main, ["--model", str(model), "--profile", str(profile_path), "--name", "demo",
+                                "--out", str(calibration), "--latency-calls", str(a.calibration_calls), "--episodes", "1",
+                                "--budget-margin", str(a.budget_margin), "--max-budget-fraction",
+                                str(a.max_budget_fraction), "--delta-margin", str(a.delta_margin),
+                                "--episode-steps", str(episode_steps)])
     if rc != 0:
-        print("qsm-demo: calibration refused (above). If it refused the latency budget, this machine was busy: "
+        print(f"qsm-demo: calibration refused {CALIBRATION_ATTEMPTS} times (above). If it refused the latency budget, "
+              "this machine was busy: "
               "run the demo again when it is quieter, or let the budget use more of the period with "
               f"--max-budget-fraction 0.9 (the demo folder {out} must be removed or another --out given)",
               file=sys.stderr)

@@ -62,13 +62,12 @@ def calibrate(serve_main, args: list[str], attempts: int = CALIBRATION_ATTEMPTS)
     last exit status. A refused calibration writes nothing, so a rerun starts clean."""
     if attempts < 1:
         raise ValueError(f"calibration attempts must be >= 1, got {attempts}")
-    for attempt in range(1, attempts + 1):
-        rc = serve_main(["calibrate", *args])
-        if rc == 0 or attempt == attempts:
-            return rc
+    for attempt in range(1, attempts):
+        if serve_main(["calibrate", *args]) == 0:
+            return 0
         print(f"qsm-demo: calibration attempt {attempt} of {attempts} refused (above); measuring again "
               "(a stall of this host is the usual cause of a refused latency budget)", file=sys.stderr, flush=True)
-    return rc
+    return serve_main(["calibrate", *args])
 
 
 def offline_returns(session, contract, profile, episodes: int, episode_steps: int) -> list[float]:

@@ -15,7 +15,7 @@ from qsm_robot.export import exporter
 from qsm_robot.export.contract import ContractError, ModelContract
 from qsm_robot.export.runtime import make_session, read_contract
 from qsm_robot.export.mixture import MixtureStudent
-from qsm_robot.export.student import ActuatorPolicy, StudentPolicy, TeacherSampler
+from qsm_robot.export.student import ActuatorPolicy, StudentPolicy, TeacherLastStep, TeacherSampler
 from qsm_robot.policy_io import PolicyIO
 from qsm_robot.qsm.policy import DiffusionPolicy, PolicySpec, load_policy
 
@@ -66,13 +66,16 @@ def exported_pair(kind: str):
     spec = tiny_spec()
     sampler = {"student": lambda: StudentPolicy(4, 2, spec.diffusion_steps, steps=2, hidden_dim=16),
                "mixture": lambda: MixtureStudent(4, 2, spec.diffusion_steps, hidden_dim=16),
+               "mixture from teacher": lambda: MixtureStudent.from_teacher(DiffusionPolicy(spec).denoiser, spec.diffusion_steps),
+               "mixture, then the teacher's last step": lambda: TeacherLastStep(
+                   MixtureStudent(4, 2, spec.diffusion_steps, hidden_dim=16), DiffusionPolicy(spec)),
                "teacher": lambda: TeacherSampler(DiffusionPolicy(spec))}[kind]()
     module = ActuatorPolicy(sampler, spec.io.action_low, spec.io.action_high).eval()
     model = exporter.to_onnx(module, spec.io.obs_dim, (spec.diffusion_steps, spec.io.act_dim), contract_for(spec))
     return spec, module, model
 
 
-@pytest.mark.parametrize("kind", ["student", "mixture", "teacher"])
+@pytest.mark.parametrize("kind", ["student", "mixture", "mixture from teacher", "mixture, then the teacher's last step", "teacher"])
 def test_onnx_matches_torch_and_has_no_random_ops(kind):
     spec, module, model = exported_pair(kind)
     gate = exporter.check_graph(model)
@@ -88,7 +91,7 @@ def test_onnx_matches_torch_and_has_no_random_ops(kind):
     assert np.abs(ours - ref).max() <= 1e-5
 
 
-@pytest.mark.parametrize("kind", ["student", "mixture", "teacher"])
+@pytest.mark.parametrize("kind", ["student", "mixture", "mixture from teacher", "mixture, then the teacher's last step", "teacher"])
 def test_actions_are_rescaled_to_and_clipped_at_the_actuator_bounds(kind):
     spec, module, model = exported_pair(kind)
     session = make_session(model.SerializeToString())
@@ -310,6 +313,8 @@ def damage(run_dir, tmp_path, how):
     ("suffix", "must name a .onnx file"),
     ("selected teacher", "--teacher exports the plain T-step chain"),
     ("selected regression", "--distill-method regression regresses onto the teacher's chain"),
+    ("teacher init, regression", "--student-init teacher starts a mixture student; this export distils --distill-method regression"),
+    ("teacher init, teacher export", "--student-init teacher starts a mixture student; --teacher exports"),
 ])
 def test_bad_input_is_one_clear_line(run_dir, tmp_path, capsys, case, message):
     source, out, extra = str(run_dir), tmp_path / "m.onnx", []
@@ -331,7 +336,12 @@ def test_bad_input_is_one_clear_line(run_dir, tmp_path, capsys, case, message):
         extra = ["--action-samples", "4", "--teacher"]
     elif case == "selected regression":
         extra = ["--action-samples", "4", "--distill-method", "regression"]
-    assert export_main([source, "--out", str(out)] + extra + FAST) == 2
+    elif case == "teacher init, regression":
+        extra = ["--student-init", "teacher", "--distill-method", "regression"]
+    elif case == "teacher init, teacher export":
+        extra = ["--student-init", "teacher", "--teacher"]
+    fast = FAST[:4] + FAST[6:] if "--student-init" in extra else FAST  # without --student-hidden, which it refuses
+    assert export_main([source, "--out", str(out)] + extra + fast) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not out.exists()
@@ -344,6 +354,13 @@ def test_out_of_range_options_are_usage_errors(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         export_main(["run", "--out", "m.onnx", flag, value])
     assert exit_info.value.code == 2 and f"{flag} must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--student-hidden", "64"), ("--student-layers", "3"), ("--student-activation", "relu")])
+def test_a_teacher_started_student_refuses_a_shape_of_its_own(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["run", "--out", "m.onnx", "--student-init", "teacher", flag, value])
+    assert exit_info.value.code == 2 and f"from the teacher; drop {flag}" in capsys.readouterr().err
 
 
 def test_contract_and_runtime_import_no_torch():

@@ -119,7 +119,11 @@ def test_distillation_objectives_on_a_bimodal_teacher(method, keeps_modes):
 def test_methods_are_validated():
     from qsm_robot.export.student import distill
 
-    assert set(METHODS) == {"mixture", "ot", "stepwise", "regression", "l1", "energy"}
+    assert set(METHODS) == {"mixture", "mixture-last", "ot", "stepwise", "regression", "l1", "energy"}
     with pytest.raises(ValueError, match="must be one of"):
         distill(BimodalTeacher(), torch.zeros(4, 3), iterations=1, progress=False, method="adversarial")
+    with pytest.raises(ValueError, match="student init must be one of random, teacher"):
+        distill(BimodalTeacher(), torch.zeros(4, 3), iterations=1, progress=False, method="mixture", init="pretrained")
+    with pytest.raises(ValueError, match="--distill-method regression has no such student"):
+        distill(BimodalTeacher(), torch.zeros(4, 3), iterations=1, progress=False, method="regression", init="teacher")
     assert StudentPolicy(3, 1, 5).forward(torch.zeros(2, 3), torch.zeros(2, 5, 1)).shape == (2, 1)

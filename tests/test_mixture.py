@@ -8,6 +8,7 @@ import torch
 from qsm_robot.export.mixture import (
     LOG_STD_RANGE, MixtureStudent, bounded_std, censored_mixture_nll, soft_clamp,
 )
+from qsm_robot.qsm.networks import Denoiser, Mish
 
 
 def fixed(student: MixtureStudent, logits, mean, log_std):
@@ -116,3 +117,20 @@ def test_bad_arguments_are_refused():
         MixtureStudent(3, 1, teacher_steps=1)
     with pytest.raises(ValueError, match="components must be >= 1"):
         MixtureStudent(3, 1, teacher_steps=5, components=0)
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_a_teacher_started_student_computes_the_teachers_first_step_features(layers):
+    torch.manual_seed(0)
+    teacher = Denoiser(obs_dim=3, act_dim=2, hidden_dim=16, num_layers=layers, time_dim=8, fourier_dim=8)
+    student = MixtureStudent.from_teacher(teacher, teacher_steps=5, components=4)
+    obs = torch.randn(32, 3)
+    # the teacher's hidden features at its first denoising step (t = T-1 = 4) from a_T = 0
+    x = teacher.input(torch.cat([torch.zeros(32, 2), obs, teacher.time_embed(torch.full((32,), 4))], dim=-1))
+    assert torch.allclose(student.net[:-1](student.standardize(obs)), teacher.trunk[:-1](x), atol=1e-5)
+    hidden = [m for m in student.net if isinstance(m, torch.nn.Linear)]
+    assert len(hidden) == layers + 1 and hidden[0].out_features == 16 and isinstance(student.net[1], Mish)
+    assert hidden[-1].out_features == 4 * (1 + 2 * 2)  # a new mixture head
+    student(obs, torch.randn(32, 5, 2))  # and it samples
+    student.fold_input()  # nothing to fold: the teacher reads raw observations
+    assert torch.allclose(student.net[:-1](obs), teacher.trunk[:-1](x), atol=1e-5)

@@ -76,6 +76,12 @@ def test_selected_policy_is_deterministic_in_its_noise_and_picks_among_its_own_c
         chains = policy.sample(obs.repeat_interleave(8, 0), noise.reshape(48, 4, 2)).view(6, 8, 2)
     best = chains[:, :, 0].argmax(dim=1)
     assert torch.equal(action, chains[torch.arange(6), best])
+    # The chosen candidate's whole chain: its last row is the action, and it is that candidate's chain.
+    chain = selected.chain(obs, noise)
+    assert chain.shape == (6, 5, 2) and torch.equal(chain[:, -1], action)
+    with torch.no_grad():
+        all_chains = policy.chain(obs.repeat_interleave(8, 0), noise.reshape(48, 4, 2)).view(6, 8, 5, 2)
+    assert torch.equal(chain, all_chains[torch.arange(6), best])
     # Against the plain policy on many states: the selected first coordinate is higher on average.
     many = torch.randn(512, 3)
     gen = torch.Generator().manual_seed(1)

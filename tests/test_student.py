@@ -9,8 +9,9 @@ import pytest
 import torch
 from test_export import tiny_spec
 
-from qsm_robot.export.student import (ActuatorPolicy, StudentPolicy, bounded_regression_loss, distill, jittered,
-                                      ot_dataset, ot_pairing, stepwise_loss)
+from qsm_robot.export.mixture import MixtureStudent
+from qsm_robot.export.student import (ActuatorPolicy, StudentPolicy, TeacherLastStep, bounded_regression_loss, distill,
+                                      jittered, ot_dataset, ot_pairing, stepwise_loss, teacher_draws)
 from qsm_robot.qsm.policy import DiffusionPolicy
 
 
@@ -154,6 +155,52 @@ def test_stepwise_distillation_lowers_the_loss_and_clips_between_steps(K):
                               progress=False, method="stepwise")
     assert student.clip_steps and student.all_noise
     assert sum(losses[-30:]) < 0.5 * sum(losses[:30])
+
+
+def test_a_teacher_started_mixture_student_starts_from_the_teacher_and_trains_it_all():
+    torch.manual_seed(0)
+    teacher = DiffusionPolicy(tiny_spec())
+    states = torch.randn(512, teacher.spec.obs_dim)
+    start = MixtureStudent.from_teacher(teacher.denoiser, teacher.spec.diffusion_steps)
+    student, losses = distill(teacher, states, iterations=200, batch_size=128, progress=False, method="mixture",
+                              init="teacher", hidden_dim=8, num_layers=5, activation="relu")  # the teacher's shape wins
+    assert [p.shape for p in student.parameters()] == [p.shape for p in start.parameters()]
+    assert isinstance(student.standardize, torch.nn.Identity)  # it reads raw observations, as the teacher does
+    assert not torch.equal(student.net[2].weight, start.net[2].weight)  # the trunk is trained too, not frozen
+    assert sum(losses[-20:]) < sum(losses[:20])
+
+
+def test_the_last_step_sampler_finishes_the_teachers_own_chain():
+    torch.manual_seed(0)
+    teacher = DiffusionPolicy(tiny_spec())
+    T, A = teacher.noise_shape
+
+    class TeachersOwnA1(torch.nn.Module):  # a perfect first stage: the teacher's chain before its last step
+        steps = 1
+
+        def forward(self, obs, noise):
+            return teacher.chain(obs, noise)[:, -2]
+
+    sampler = TeacherLastStep(TeachersOwnA1(), teacher)
+    obs, noise = 3 * torch.randn(256, teacher.spec.obs_dim), torch.randn(256, T, A)
+    with torch.no_grad():
+        assert torch.allclose(sampler(obs, noise), teacher.sample(obs, noise), atol=1e-6)
+    assert not any(p.requires_grad for p in sampler.denoiser.parameters())  # the teacher's step is not trained
+
+
+def test_last_step_draws_are_the_chain_before_its_last_step():
+    torch.manual_seed(0)
+    teacher = DiffusionPolicy(tiny_spec())
+    states = torch.randn(64, teacher.spec.obs_dim)
+    index, a_1 = teacher_draws(teacher, states, 2, torch.Generator().manual_seed(3), before_last=True)
+    again, action = teacher_draws(teacher, states, 2, torch.Generator().manual_seed(3))
+    assert torch.equal(index, again)
+    gen = torch.Generator().manual_seed(3)
+    expected_index = torch.randperm(64, generator=gen)[:64].repeat_interleave(2)
+    noise = torch.randn(128, *teacher.noise_shape, generator=gen)
+    with torch.no_grad():
+        chain = teacher.chain(states[expected_index], noise)
+    assert torch.equal(index, expected_index) and torch.allclose(a_1, chain[:, -2]) and torch.allclose(action, chain[:, -1])
 
 
 def test_a_diverging_distillation_stops_with_a_clear_error():

@@ -37,7 +37,7 @@ def _per_method(name: str) -> str:
 def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     from qsm_robot.export.exporter import ExportOptions
     from qsm_robot.export.fidelity import FidelityThresholds
-    from qsm_robot.export.student import METHODS
+    from qsm_robot.export.student import ACTIVATIONS, INITS, METHODS
 
     d = ExportOptions(out=Path("x.onnx"))
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].strip("`").split(": ", 1)[1],
@@ -49,13 +49,18 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     p.add_argument("--force", action="store_true", help="write the model even when a gate fails")
     p.add_argument("--distill-iterations", type=int, default=d.distill_iterations, help="student training iterations (default: " + _per_method("iterations") + ")")
     p.add_argument("--distill-batch", type=int, default=d.distill_batch, help="states per distillation iteration (ot, mixture: rows of their fixed training sets)")
-    p.add_argument("--student-hidden", type=int, default=d.student_hidden, help="student MLP width")
-    p.add_argument("--student-layers", type=int, default=d.student_layers, help="student hidden layers")
-    p.add_argument("--student-activation", choices=["relu", "silu", "mish"], default=d.student_activation,
-                   help="student activation (relu fuses into the Gemm in onnxruntime: fastest)")
+    # None: the default below, or the teacher's with --student-init teacher (which refuses them).
+    p.add_argument("--student-hidden", type=int, help=f"student MLP width (default: {d.student_hidden})")
+    p.add_argument("--student-layers", type=int, help=f"student hidden layers (default: {d.student_layers})")
+    p.add_argument("--student-activation", choices=list(ACTIVATIONS),
+                   help=f"student activation (relu fuses into the Gemm in onnxruntime: fastest) (default: {d.student_activation})")
+    p.add_argument("--student-init", choices=list(INITS), default=d.student_init,
+                   help="how the student's weights start: random, or teacher (a mixture student whose hidden layers "
+                        "start as the teacher's first denoising step, with the teacher's width, depth and Mish)")
     p.add_argument("--distill-method", choices=list(METHODS), default=d.distill_method,
                    help="distillation objective (default: mixture for --student-steps 1, regression above): mixture (a mixture of Gaussians per state fitted to teacher samples "
-                        "by maximum likelihood; the noise picks a component, then a point in it), "
+                        "by maximum likelihood; the noise picks a component, then a point in it), mixture-last (the same "
+                        "mixture fitted to the teacher's chain before its last step, then the teacher's own last step), "
                         "regression (shared noise, squared error), l1 (shared noise, absolute "
                         "error), stepwise (each of the K student steps onto its stretch of the teacher's chain), "
                         "energy (the energy score on independent draws) or ot (a map of a_T, paired with teacher "
@@ -103,10 +108,16 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     for name in ("max_w1", "max_w1_worst", "max_off_support"):
         if not getattr(a, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
+    shape = {"student_hidden": a.student_hidden, "student_layers": a.student_layers, "student_activation": a.student_activation}
+    if a.student_init == "teacher":
+        given = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is not None]
+        if given:
+            p.error(f"--student-init teacher takes the student's width, depth and activation from the teacher; drop {', '.join(given)}")
+    shape = {k: getattr(d, k) if v is None else v for k, v in shape.items()}
     opts = ExportOptions(
         out=a.out, student_steps=a.student_steps, teacher=a.teacher, force=a.force,
-        distill_iterations=a.distill_iterations, distill_batch=a.distill_batch, student_hidden=a.student_hidden,
-        student_layers=a.student_layers, student_activation=a.student_activation, state_episodes=a.state_episodes, replay_states=a.replay_states,
+        distill_iterations=a.distill_iterations, distill_batch=a.distill_batch, **shape, student_init=a.student_init,
+        state_episodes=a.state_episodes, replay_states=a.replay_states,
         state_jitter_copies=a.state_jitter_copies, state_jitter=a.state_jitter, eval_episodes=a.eval_episodes,
         min_retention=a.min_retention, parity_samples=a.parity_samples, parity_tol=a.parity_tol,
         latency_calls=a.latency_calls, seed=a.seed, progress=sys.stderr.isatty(), distill_method=a.distill_method, distill_draws=a.distill_draws,

@@ -23,7 +23,8 @@ from qsm_robot.envs import make_env, run_episodes
 from qsm_robot.export import fidelity
 from qsm_robot.export.contract import ModelContract
 from qsm_robot.export.runtime import latency_us, make_session
-from qsm_robot.export.student import DRAW_METHODS, ActuatorPolicy, TeacherSampler, default_method, distill, jittered
+from qsm_robot.export.student import (DRAW_METHODS, MIXTURES, ActuatorPolicy, TeacherSampler, default_method, distill,
+                                      jittered)
 from qsm_robot.files import atomic_write, atomic_write_text
 from qsm_robot.qsm.policy import CheckpointError, resolve_checkpoint
 from qsm_robot.qsm.selection import load_selected_policy, run_action_samples
@@ -49,6 +50,10 @@ class ExportOptions:
     student_hidden: int = 256
     student_layers: int = 2
     student_activation: str = "relu"
+    student_init: str = "random"
+    """How the student's weights start (``student.INITS``): ``random``, or ``teacher`` (a mixture
+    student whose hidden layers start as the teacher's first denoising step; its width, depth and
+    activation are then the teacher's, and the three options above are not used)."""
     distill_method: str | None = None
     """Distillation objective (``student.METHODS``); None: ``student.default_method(student_steps)``,
     mixture for K=1 and regression for K > 1."""
@@ -290,9 +295,12 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
     if not opts.teacher and not 1 <= opts.student_steps <= T:
         raise ExportError(f"--student-steps must be in 1..{T} (the teacher has T={T}); --teacher exports the teacher's own chain")
     method = opts.distill_method or default_method(opts.student_steps)
-    if not opts.teacher and method == "mixture" and opts.student_steps != 1:
-        raise ExportError(f"--distill-method mixture makes one network evaluation per action: drop --student-steps "
+    if not opts.teacher and method in MIXTURES and opts.student_steps != 1:
+        raise ExportError(f"--distill-method {method} makes one network evaluation per action: drop --student-steps "
                           f"{opts.student_steps} (or pick another method for K > 1)")
+    if opts.student_init != "random" and (opts.teacher or method not in MIXTURES):
+        raise ExportError(f"--student-init {opts.student_init} starts a mixture student; "
+                          + ("--teacher exports the teacher's own chain" if opts.teacher else f"this export distils --distill-method {method}"))
     out = Path(opts.out)
     if out.suffix != ".onnx":
         raise ExportError(f"--out must name a .onnx file, got {out}")
@@ -337,7 +345,7 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
             sampler, losses = distill(
                 teacher, torch.from_numpy(states), opts.student_steps, opts.student_hidden, opts.student_layers,
                 opts.student_activation, opts.distill_iterations, opts.distill_batch, seed=opts.seed,
-                progress=opts.progress, method=method, draws=opts.distill_draws,
+                progress=opts.progress, method=method, draws=opts.distill_draws, init=opts.student_init,
             )
         except ValueError as exc:
             raise ExportError(str(exc)) from None

@@ -25,6 +25,8 @@ import math
 import torch
 from torch import nn
 
+from qsm_robot.qsm.networks import Denoiser, Mish
+
 COMPONENTS = 8
 """Gaussians per state: more than the modes a trained policy shows (two or three per dimension)."""
 LOG_STD_RANGE = (-7.0, math.log(0.5))
@@ -82,6 +84,29 @@ class MixtureStudent(nn.Module):
         self.register_buffer("cumulative", 2.0 * torch.ones(M, M - 1).triu())
         self.register_buffer("first", torch.eye(M)[:-1] - torch.eye(M)[1:])
         self.register_buffer("last", torch.eye(M)[-1])
+
+    @classmethod
+    @torch.no_grad()
+    def from_teacher(cls, denoiser: Denoiser, teacher_steps: int, components: int = COMPONENTS) -> "MixtureStudent":
+        """A student whose hidden layers start as the teacher's first denoising step at the mean of its
+        initial noise: the denoiser at t = T-1 with a_T = 0 (its state weights, its bias plus the time
+        code, its hidden layers, Mish), under a new mixture head; the fit then trains all of it.
+
+        The teacher's own features of the state carry what decides its modes; a student learning them
+        from samples alone places a mode switch slightly off, and the policy's own states sit near its
+        switches. Its width, depth and activation are the teacher's; it reads raw observations, as the
+        teacher does (no input standardisation). README, "Faithful students"."""
+        hidden = [layer for layer in denoiser.trunk if isinstance(layer, nn.Linear)][:-1]
+        student = cls(denoiser.obs_dim, denoiser.act_dim, teacher_steps, components, denoiser.input.out_features,
+                      len(hidden) + 1, activation=Mish)
+        student.standardize = nn.Identity()
+        first, A = student.net[0], denoiser.act_dim
+        first.weight.copy_(denoiser.input.weight[:, A:A + denoiser.obs_dim])
+        time_code = denoiser.encode_time(torch.tensor([teacher_steps - 1], device=first.weight.device))[0]
+        first.bias.copy_(denoiser.input.bias + time_code)
+        for mine, theirs in zip(student.net[2:-1:2], hidden):
+            mine.load_state_dict(theirs.state_dict())
+        return student
 
     def fit_input(self, states: torch.Tensor) -> None:
         """Standardise the network's input with the distillation states' mean and standard deviation:

@@ -13,6 +13,7 @@ a_{k-1} = MLP([a_k, s, noise, onehot(k)]); the action is clip(a_0, -1, 1).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from qsm_robot.export.mixture import MixtureStudent, censored_mixture_nll
 from qsm_robot.qsm.networks import Mish
 from qsm_robot.qsm.policy import DiffusionPolicy
-from qsm_robot.qsm.sampler import ddpm_sample
+from qsm_robot.qsm.sampler import ddpm_sample, reverse_mean
 
 
 # The student's activation is free (it need not be the teacher's Mish): ReLU fuses into the
@@ -98,6 +99,33 @@ class TeacherSampler(nn.Module):
         return self.policy.sample(obs, noise)
 
 
+class TeacherLastStep(nn.Module):
+    """(obs, noise) -> the teacher's own last denoising step (t = 0) applied to ``first``'s draw of a_1,
+    the teacher's chain before that step: the ``mixture-last`` sampler.
+
+    The teacher's last step adds no noise: its action is a fixed function of (s, a_1), and since the
+    chain is clipped at every step, much of a_1 sits on the bounds, where that function puts narrow
+    atoms *inside* the range (a reacher-easy teacher: spikes at -0.5 or 0.2 that a mixture of the
+    action itself blurs, and the gate counts the blur as mass off the teacher's support). A mixture
+    fits a_1's bound-heavy distribution well (its likelihood scores the mass on a bound), and the
+    teacher's own step then puts each atom exactly where the teacher does, at the cost of one
+    evaluation of the teacher's denoiser (README, "Faithful students")."""
+
+    def __init__(self, first: nn.Module, teacher: DiffusionPolicy):
+        super().__init__()
+        self.first = first
+        self.steps = first.steps  # the student's own network evaluations per action
+        self.denoiser = copy.deepcopy(teacher.denoiser).requires_grad_(False)
+        self.schedule = copy.deepcopy(teacher.schedule)
+        with torch.no_grad():
+            self.register_buffer("time_code", self.denoiser.encode_time(torch.zeros(1, dtype=torch.long))[0])
+
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        a_1 = self.first(obs, noise)
+        eps = self.denoiser.denoise(self.denoiser.encode_obs(obs), a_1, self.time_code)
+        return reverse_mean(self.schedule, 0, a_1, eps).clamp(-1.0, 1.0)
+
+
 class ActuatorPolicy(nn.Module):
     """What goes into the ONNX file: a sampler in [-1, 1], rescaled to actuator units and clipped."""
 
@@ -145,10 +173,11 @@ def energy_score_loss(student_samples: torch.Tensor, teacher_samples: torch.Tens
     return (cross - 0.5 * self_pairs).mean()
 
 
-METHODS = ("mixture", "ot", "stepwise", "regression", "l1", "energy")
+METHODS = ("mixture", "mixture-last", "ot", "stepwise", "regression", "l1", "energy")
 """Distillation objectives: ``mixture`` (a mixture of Gaussians per state, one network evaluation,
 fitted by maximum likelihood to a fixed set of teacher samples; the noise picks a component, then
-a point in it: :mod:`qsm_robot.export.mixture`), ``ot`` (a map of the initial noise a_T only, regressed onto teacher
+a point in it: :mod:`qsm_robot.export.mixture`), ``mixture-last`` (the same mixture fitted to the
+teacher's chain before its last step, a_1, then the teacher's own last step: :class:`TeacherLastStep`), ``ot`` (a map of the initial noise a_T only, regressed onto teacher
 samples paired with its inputs by optimal transport, state by state, on a training set drawn once:
 the monotone map from the Gaussian to the teacher's distribution; :func:`ot_dataset`),
 ``stepwise`` (shared noise; each student step regresses onto its
@@ -156,12 +185,18 @@ stretch of the teacher's chain, starting from the teacher's own state there, squ
 ``regression`` (shared noise, squared error on the final action only), ``l1`` (the same with
 absolute error) or ``energy`` (the energy score on independent draws: the student learns the
 distribution, not the teacher's noise-to-action pairing). With K=1 ``stepwise`` is ``regression``."""
-DRAW_METHODS = ("mixture", "ot", "energy")
+MIXTURES = ("mixture", "mixture-last")
+"""The methods whose student is a :class:`MixtureStudent` (K=1)."""
+INITS = ("random", "teacher")
+"""How a student's weights start: ``random`` (PyTorch's initialisation) or ``teacher`` (a mixture
+student's hidden layers as the teacher's first denoising step: :meth:`MixtureStudent.from_teacher`)."""
+DRAW_METHODS = ("mixture", "mixture-last", "ot", "energy")
 """The methods that learn from several teacher samples per state (``draws``); the others ignore it."""
 
 DEFAULTS = {"iterations": 3000, "draws": 16}
 """Distillation iterations and samples per state (energy, ot) where a method has no default of its own."""
-METHOD_DEFAULTS = {"ot": {"iterations": 20_000, "draws": 256}, "mixture": {"iterations": 20_000, "draws": 1}}
+METHOD_DEFAULTS = {"ot": {"iterations": 20_000, "draws": 256}, "mixture": {"iterations": 20_000, "draws": 1},
+                   "mixture-last": {"iterations": 20_000, "draws": 1}}
 """ot and mixture train on a fixed set (no teacher call per iteration: cheap iterations, and more
 of them). ot needs many draws per state: with m draws the pairing puts each step between two modes
 at an empirical quantile that is off by about 1/sqrt(m), and the student learns that blur. The
@@ -224,13 +259,15 @@ def ot_pairing(noise: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_draws(teacher: DiffusionPolicy, states: torch.Tensor, draws: int, gen: torch.Generator,
-                  pairs: int = OT_PAIRS) -> tuple[torch.Tensor, torch.Tensor]:
+                  pairs: int = OT_PAIRS, before_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed training set of teacher samples: (state index [P], sample [P, act]), ``draws``
-    independent samples at each of min(len(states), pairs // draws) states, grouped by state."""
+    independent samples at each of min(len(states), pairs // draws) states, grouped by state. With
+    ``before_last`` a sample is the chain's a_1 (before its last step) instead of its action."""
     n = min(len(states), max(1, pairs // draws))
     index = torch.randperm(len(states), generator=gen)[:n].repeat_interleave(draws)
+    draw = (lambda o, z: teacher.chain(o, z)[:, -2]) if before_last else teacher.sample
     with torch.no_grad():
-        samples = torch.cat([teacher.sample(states[i], torch.randn(len(i), *teacher.noise_shape, generator=gen))
+        samples = torch.cat([draw(states[i], torch.randn(len(i), *teacher.noise_shape, generator=gen))
                              for i in index.split(8192)])
     return index, samples
 
@@ -280,6 +317,7 @@ def distill(
     progress: bool = True,
     method: str = "regression",
     draws: int | None = None,
+    init: str = "random",
 ) -> tuple[StudentPolicy | MixtureStudent, list[float]]:
     """Train a K-step student on ``states`` [N, obs_dim]; returns it and the loss curve.
 
@@ -288,11 +326,20 @@ def distill(
     x draws samples; ot's and mixture's are batch_size rows of their fixed training sets
     (:func:`ot_dataset`, :func:`teacher_draws`). A mixture student has one step (K=1).
 
+    ``init``: one of :data:`INITS`; ``teacher`` (mixture only) starts the student's hidden layers as
+    the teacher's first denoising step (:meth:`MixtureStudent.from_teacher`), whose width, depth and
+    activation then replace ``hidden_dim``, ``num_layers`` and ``activation``.
+
     ``teacher`` is a :class:`DiffusionPolicy` or anything with its ``spec``, ``noise_shape`` and
     ``sample(obs, noise)``, such as a :class:`~qsm_robot.qsm.selection.QSelectedPolicy` (whose
     noise is several chains': only the methods of :data:`DRAW_METHODS` learn from it)."""
     if method not in METHODS:
         raise ValueError(f"distillation method must be one of {', '.join(METHODS)}, got {method!r}")
+    if init not in INITS:
+        raise ValueError(f"student init must be one of {', '.join(INITS)}, got {init!r}")
+    if init == "teacher" and method not in MIXTURES:
+        raise ValueError(f"--student-init teacher starts a mixture student from the teacher's first denoising step; "
+                         f"--distill-method {method} has no such student: use --distill-method mixture")
     iterations = method_default(method, "iterations") if iterations is None else iterations
     draws = method_default(method, "draws") if draws is None else draws
     spec = teacher.spec
@@ -302,13 +349,19 @@ def distill(
                          f"draws {teacher.noise_shape[0] // T} chains per action: use one of {', '.join(DRAW_METHODS)}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    if method == "mixture":
+    if method in MIXTURES:
         if student_steps != 1:
             raise ValueError(f"the mixture student makes one network evaluation per action; got {student_steps} steps")
-        student = MixtureStudent(spec.obs_dim, A, T, hidden_dim=hidden_dim, num_layers=num_layers,
-                                 activation=activation_class(activation))
-        student.fit_input(states)
-        fixed_index, fixed_target = teacher_draws(teacher, states, draws, gen)
+        if init == "teacher":  # a QSelectedPolicy wraps the diffusion policy whose denoiser it is
+            student = MixtureStudent.from_teacher(getattr(teacher, "policy", teacher).denoiser, T)
+        else:
+            student = MixtureStudent(spec.obs_dim, A, T, hidden_dim=hidden_dim, num_layers=num_layers,
+                                     activation=activation_class(activation))
+            student.fit_input(states)
+        if method == "mixture-last" and not spec.clip_sample:
+            raise ValueError("--distill-method mixture-last fits the teacher's chain before its last step, which a teacher "
+                             "without clip_sample leaves unbounded: use --distill-method mixture")
+        fixed_index, fixed_target = teacher_draws(teacher, states, draws, gen, before_last=method == "mixture-last")
     else:
         student = StudentPolicy(spec.obs_dim, A, T, student_steps, hidden_dim, num_layers,
                                 activation, clip_steps=method == "stepwise" and spec.clip_sample, all_noise=method != "ot")
@@ -319,7 +372,7 @@ def distill(
     losses = []
     bar = tqdm(range(iterations), desc="distilling", unit="it", disable=not progress, dynamic_ncols=True)
     for _ in bar:
-        if method == "mixture":
+        if method in MIXTURES:
             pick = torch.randint(0, len(fixed_index), (batch_size,), generator=gen)
             loss = censored_mixture_nll(*student.mixture(states[fixed_index[pick]]), fixed_target[pick])
         elif method == "ot":
@@ -356,6 +409,8 @@ def distill(
                              "try a lower learning rate or another --distill-method")
         if len(losses) % 100 == 0:
             bar.set_postfix_str(f"loss {np.mean(losses[-100:]):.2e}")
-    if method == "mixture":
+    if method in MIXTURES:
         student.fold_input()
+    if method == "mixture-last":
+        return TeacherLastStep(student, getattr(teacher, "policy", teacher)).eval(), losses
     return student.eval(), losses

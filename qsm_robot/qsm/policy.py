@@ -203,6 +203,12 @@ class DiffusionPolicy(torch.nn.Module):
             self.denoiser, self.schedule, obs, noise, self.spec.temperature, self.spec.clip_sample
         )
 
+    def chain(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The whole chain of :meth:`sample` [B, T+1, act_dim]: a_T, then a after each step."""
+        return ddpm_sample(
+            self.denoiser, self.schedule, obs, noise, self.spec.temperature, self.spec.clip_sample, trajectory=True
+        )
+
     @torch.no_grad()
     def act(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A plain diffusion sample (the evaluation policy) for obs [B, obs_dim]."""

@@ -35,9 +35,7 @@ def ddpm_sample(
     a = noise[:, 0]
     chain = [a] if trajectory else None  # kept only when asked: sampling in training needs the action alone
     for t in range(T - 1, -1, -1):
-        eps = denoiser.denoise(obs_code, a, time_codes[t])
-        # a <- (a - beta_t / sqrt(1 - alpha_hat_t) * eps) / sqrt(alpha_t)
-        a = (a - schedule.eps_coef[t] * eps) * schedule.inv_sqrt_alpha[t]
+        a = reverse_mean(schedule, t, a, denoiser.denoise(obs_code, a, time_codes[t]))
         if t > 0:  # a <- a + sqrt(beta_t) * temperature * z
             a = a + (schedule.sigma[t] * temperature) * noise[:, T - t]
         if clip or t == 0:
@@ -45,6 +43,13 @@ def ddpm_sample(
         if chain is not None:
             chain.append(a)
     return a if chain is None else torch.stack(chain, dim=1)
+
+
+def reverse_mean(schedule: DiffusionSchedule, t: int, a: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """One reverse step's mean from a_t and the denoiser's eps at step t:
+    (a - beta_t / sqrt(1 - alpha_hat_t) * eps) / sqrt(alpha_t). At t = 0 it is the whole step (no noise
+    is added there), before the final clip."""
+    return (a - schedule.eps_coef[t] * eps) * schedule.inv_sqrt_alpha[t]
 
 
 def sample_actions(

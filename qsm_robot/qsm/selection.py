@@ -30,17 +30,18 @@ from qsm_robot.qsm.policy import CheckpointError, DiffusionPolicy, load_policy, 
 
 
 def best_of(obs: torch.Tensor, draw: Callable[[torch.Tensor], torch.Tensor], critic: nn.Module,
-            samples: int) -> torch.Tensor:
+            samples: int, action: Callable[[torch.Tensor], torch.Tensor] = lambda c: c) -> torch.Tensor:
     """For obs [B, obs_dim]: ``samples`` candidates per state from ``draw`` (obs [B * N, obs_dim] ->
-    actions [B * N, act_dim], the candidates of state b in rows b * N .. b * N + N - 1), and at
-    each state the candidate of highest mean critic value; [B, act_dim]."""
+    candidates [B * N, ...], those of state b in rows b * N .. b * N + N - 1), and at each state the
+    candidate whose action (``action(candidates)`` [B * N, act_dim]; the candidate itself by default,
+    or the last row of a chain) has the highest mean critic value; [B, ...]."""
     if samples == 1:
         return draw(obs)
     repeated = obs.repeat_interleave(samples, dim=0)
     candidates = draw(repeated)
-    value = critic(repeated, candidates).mean(dim=0).view(obs.shape[0], samples)
+    value = critic(repeated, action(candidates)).mean(dim=0).view(obs.shape[0], samples)
     best = value.argmax(dim=1)
-    return candidates.view(obs.shape[0], samples, -1)[torch.arange(obs.shape[0], device=obs.device), best]
+    return candidates.view(obs.shape[0], samples, *candidates.shape[1:])[torch.arange(obs.shape[0], device=obs.device), best]
 
 
 class QSelectedPolicy(nn.Module):
@@ -67,6 +68,12 @@ class QSelectedPolicy(nn.Module):
     def sample(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         chains = noise.reshape(obs.shape[0] * self.samples, *self.policy.noise_shape)
         return best_of(obs, lambda o: self.policy.sample(o, chains), self.critic, self.samples)
+
+    @torch.no_grad()
+    def chain(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The chosen candidate's whole chain [B, T+1, act_dim] (its last row is :meth:`sample`'s action)."""
+        chains = noise.reshape(obs.shape[0] * self.samples, *self.policy.noise_shape)
+        return best_of(obs, lambda o: self.policy.chain(o, chains), self.critic, self.samples, action=lambda c: c[:, -1])
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

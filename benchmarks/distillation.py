@@ -26,7 +26,7 @@ from pathlib import Path
 from benchmarks.common import print_table, write_csv
 
 OUT = Path(__file__).resolve().parent / "results"
-DEFAULT_CANDIDATES = ("ot:1", "regression:1", "stepwise:5", "stepwise:2", "l1:1", "energy:1")
+DEFAULT_CANDIDATES = ("mixture:1", "mixture-last:1", "regression:1", "ot:1", "stepwise:5", "stepwise:2", "l1:1", "energy:1")
 
 
 def candidate(text: str) -> tuple[str, int, int, int | None]:

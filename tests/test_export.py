@@ -391,3 +391,12 @@ def test_contract_and_runtime_import_no_torch():
             "bad = [m for m in ('torch', 'mujoco', 'dm_control', 'gymnasium') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_help_names_each_default_and_no_default_of_none(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        export_main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in text
+    assert "student MLP width (default: 256)" in text and "(default: 3000; ot 20000;" in text

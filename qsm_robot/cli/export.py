@@ -26,12 +26,19 @@ PROG = "qsm-export"
 
 
 def _per_method(name: str) -> str:
-    """'3000; ot 20000': a distillation default that depends on --distill-method, for --help. It ends
-    in %(default).0s (an empty string), so that argparse does not append its own "(default: None)"."""
+    """'3000; ot 20000': a distillation default that depends on --distill-method, for --help."""
     from qsm_robot.export.student import DEFAULTS, METHOD_DEFAULTS
 
     own = [f"{m} {v[name]}" for m, v in METHOD_DEFAULTS.items() if name in v]
-    return "; ".join([str(DEFAULTS[name]), *own]) + "%(default).0s"
+    return "; ".join([str(DEFAULTS[name]), *own])
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help ends with its default, except a flag whose default is None: its help says
+    what happens without it (argparse would print "(default: None)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
@@ -41,7 +48,7 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
 
     d = ExportOptions(out=Path("x.onnx"))
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].strip("`").split(": ", 1)[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("source", help="a qsm-train run directory (its latest checkpoint) or a checkpoint directory")
     p.add_argument("--out", required=True, type=Path, help="the .onnx file to write (report and plot go beside it)")
     p.add_argument("--student-steps", type=int, default=d.student_steps, help="K: network evaluations of the student (K < T)")

@@ -24,11 +24,11 @@ from tqdm import tqdm
 from qsm_robot.export.mixture import MixtureStudent, censored_mixture_nll
 from qsm_robot.qsm.networks import Mish
 from qsm_robot.qsm.policy import DiffusionPolicy
-from qsm_robot.qsm.sampler import ddpm_sample
+from qsm_robot.qsm.sampler import ddpm_sample, reverse_mean
 
 
 # The student's activation is free (it need not be the teacher's Mish): ReLU fuses into the
-# Gemm in onnxruntime, while Mish exports as three elementwise nodes (networks._MishFunction.symbolic).
+# Gemm in onnxruntime, while Mish exports as seven elementwise nodes.
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "mish": Mish}
 
 
@@ -115,28 +115,15 @@ class TeacherLastStep(nn.Module):
         super().__init__()
         self.first = first
         self.steps = first.steps  # the student's own network evaluations per action
-        # The step a_0 = clip(k (a_1 - c eps(s, a_1, t=0))), k = 1 / sqrt(alpha_0), c = beta_0 / sqrt(1 - alpha_hat_0)
-        # (sampler.reverse_mean), held as one network of [s, a_1] with the same values up to float rounding: the time
-        # code of t = 0 is in the first layer's bias, -k c in the output layer, so the graph has no nodes for them.
-        d = teacher.denoiser
-        A, O = d.act_dim, d.obs_dim
-        k, c = teacher.schedule.inv_sqrt_alpha[0], teacher.schedule.eps_coef[0]
-        self.input = nn.Linear(O + A, d.input.out_features)
-        self.hidden = copy.deepcopy(d.trunk[:-1])  # Mish, then (Linear, Mish) per further hidden layer
-        self.output = nn.Linear(d.trunk[-1].in_features, A)
-        self.keep = k
+        self.denoiser = copy.deepcopy(teacher.denoiser).requires_grad_(False)
+        self.schedule = copy.deepcopy(teacher.schedule)
         with torch.no_grad():
-            self.input.weight.copy_(torch.cat([d.input.weight[:, A:A + O], d.input.weight[:, :A]], dim=1))
-            self.input.bias.copy_(d.input.bias + d.encode_time(torch.zeros(1, dtype=torch.long))[0])
-            self.output.weight.copy_(-k * c * d.trunk[-1].weight)
-            self.output.bias.copy_(-k * c * d.trunk[-1].bias)
-        for part in (self.input, self.hidden, self.output):
-            part.requires_grad_(False)
+            self.register_buffer("time_code", self.denoiser.encode_time(torch.zeros(1, dtype=torch.long))[0])
 
     def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         a_1 = self.first(obs, noise)
-        h = self.hidden(self.input(torch.cat([obs, a_1], dim=1)))
-        return (self.output(h) + self.keep * a_1).clamp(-1.0, 1.0)
+        eps = self.denoiser.denoise(self.denoiser.encode_obs(obs), a_1, self.time_code)
+        return reverse_mean(self.schedule, 0, a_1, eps).clamp(-1.0, 1.0)
 
 
 class ActuatorPolicy(nn.Module):

@@ -34,12 +34,6 @@ class _MishFunction(torch.autograd.Function):
         return x * tsp
 
     @staticmethod
-    def symbolic(g, x):
-        """In an ONNX graph: x * Tanh(Softplus(x)), three nodes where the ops above trace to seven
-        (onnxruntime runs it at batch 1 in fewer kernel launches; the same values to float32 rounding)."""
-        return g.op("Mul", x, g.op("Tanh", g.op("Softplus", x)))
-
-    @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         x, s, tsp = ctx.saved_tensors
         # d/dx [x tanh(sp(x))] = tanh(sp) + x (1 - tanh(sp)^2) sigmoid(x)

@@ -349,11 +349,12 @@ def distill(
                          f"draws {teacher.noise_shape[0] // T} chains per action: use one of {', '.join(DRAW_METHODS)}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    diffusion = getattr(teacher, "policy", teacher)  # a QSelectedPolicy wraps the diffusion policy it selects from
     if method in MIXTURES:
         if student_steps != 1:
             raise ValueError(f"the mixture student makes one network evaluation per action; got {student_steps} steps")
-        if init == "teacher":  # a QSelectedPolicy wraps the diffusion policy whose denoiser it is
-            student = MixtureStudent.from_teacher(getattr(teacher, "policy", teacher).denoiser, T)
+        if init == "teacher":
+            student = MixtureStudent.from_teacher(diffusion.denoiser, T)
         else:
             student = MixtureStudent(spec.obs_dim, A, T, hidden_dim=hidden_dim, num_layers=num_layers,
                                      activation=activation_class(activation))
@@ -412,5 +413,5 @@ def distill(
     if method in MIXTURES:
         student.fold_input()
     if method == "mixture-last":
-        return TeacherLastStep(student, getattr(teacher, "policy", teacher)).eval(), losses
+        return TeacherLastStep(student, diffusion).eval(), losses
     return student.eval(), losses

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO, profile_data
 
-from qsm_robot.calibrate.measure import CalibrateOptions, command_sequence, derive_envelope, propose_budget
+from qsm_robot.calibrate.measure import CalibrateOptions, command_sequence, derive_envelope, propose_budget, summary
 from qsm_robot.calibrate.record import CalibrationError, CalibrationRecord, SafetyValues, file_sha256
 from qsm_robot.serve.profile import Profile
 
@@ -89,6 +89,45 @@ def test_the_budget_is_p999_times_the_margin_and_must_fit_the_period():
     assert section["budget_ms"] == budget and section["p99.9_us"] == pytest.approx(np.percentile(lat, 99.9), abs=0.1)
     with pytest.raises(CalibrationError, match="does not fit the control period: at 1000 Hz"):
         propose_budget(np.full(1000, 400.0), 0.001, opts)
+    assert section["budget_capped"] is False and section["margin_left"] >= 2.0
+
+
+@pytest.mark.parametrize("p999_us, budget_ms, margin_left", [
+    (3000.0, 6.0, 2.0),    # p99.9 x 2 fits half of the 20 ms period: the full margin
+    (5000.0, 10.0, 2.0),   # exactly at the limit: not cut
+    (6000.0, 10.0, 1.67),  # x 2 = 12 ms does not fit: cut to the 10 ms limit, x 1.67 left (>= 1.5)
+    (6666.0, 10.0, 1.5),   # cut, and the least margin exactly left
+])
+def test_a_budget_past_the_period_share_is_cut_to_it_while_the_least_margin_is_left(p999_us, budget_ms, margin_left):
+    opts = CalibrateOptions(name="x", budget_margin=2.0, min_budget_margin=1.5, max_budget_fraction=0.5)
+    budget, section = propose_budget(np.full(1000, p999_us), 0.02, opts)
+    assert budget == pytest.approx(budget_ms) and section["budget_ms"] == budget
+    assert section["margin_left"] == pytest.approx(margin_left, abs=0.01)
+    assert section["budget_capped"] is (p999_us * 2 / 1e3 > 10.0)
+
+
+def test_a_tail_that_leaves_less_than_the_least_margin_is_refused_and_says_by_how_much():
+    opts = CalibrateOptions(name="x", budget_margin=5.0, min_budget_margin=1.5, max_budget_fraction=0.5)
+    with pytest.raises(CalibrationError, match=r"p99.9 7000 us x the least margin 1.5 = 10.500 ms does not fit"):
+        propose_budget(np.full(1000, 7000.0), 0.02, opts)
+
+
+@pytest.mark.parametrize("p999_us, says", [(3000.0, "6.00 ms (p99.9 x 2.0; at most 50% of the period)"),
+                                             (6000.0, "10.00 ms: CUT to 50% of the period, p99.9 x 1.67 where x 2.0")])
+def test_the_summary_says_when_the_budget_was_cut(tmp_path, p999_us, says):
+    budget, section = propose_budget(np.full(1000, p999_us), 0.02, CalibrateOptions(name="x", budget_margin=2.0))
+    record = make_record(Profile.load(write_profile(tmp_path)))
+    record.safety.latency_budget_ms, record.latency = budget, section
+    record.envelope = {"episodes": 1, "ticks": 10, "returns": [1.0], "delta_quantile": 99.9, "delta_observed": [0.1],
+                       "delta_margin": 1.2}
+    line = next(x for x in summary(record, tmp_path / "r.json").splitlines() if x.startswith("latency budget"))
+    assert line.split("  ", 1)[1].strip().startswith(says)
+
+
+@pytest.mark.parametrize("least", [0.9, 2.5])
+def test_the_least_margin_must_lie_between_one_and_the_margin(least):
+    with pytest.raises(CalibrationError, match="min_budget_margin: must be in \\[1, budget_margin = 2.0\\]"):
+        CalibrateOptions(name="x", budget_margin=2.0, min_budget_margin=least).validate()
 
 
 def test_envelope_widens_observed_ranges_and_limits_changes_within_the_actuator_range():

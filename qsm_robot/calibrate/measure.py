@@ -3,8 +3,9 @@
 1. Latency: the policy runs through the node's own runner (the tuned onnxruntime session and its
    budget watchdog) ``calls`` times after warm-up, paced at the profile's rate as in service (an
    idle core wakes slowly, so a tight loop would flatter the host). Proposed budget: p99.9 times
-   ``budget_margin``, refused when it exceeds ``max_budget_fraction`` of the control period (the
-   rest of the period is for the network and the robot).
+   ``budget_margin``, at most ``max_budget_fraction`` of the control period (the rest of the
+   period is for the network and the robot): past it the budget is cut to that part of the period
+   as long as it still leaves p99.9 x ``min_budget_margin``, and refused below that.
 2. Envelope: closed-loop episodes against a robot node (``qsm-sim`` started here, or a robot
    already connected to the profile's endpoints) with the rate limiter and the envelope off, the
    bounds on. Observation ranges: observed min/max widened by ``obs_margin`` of the span on each
@@ -51,10 +52,16 @@ class CalibrateOptions:
     warmup: int = 200
     budget_margin: float = 2.0
     """Budget = p99.9 of the measured latency times this."""
+    min_budget_margin: float = 1.5
+    """Where p99.9 x budget_margin exceeds max_budget_fraction of the period, the budget is cut to
+    that part of the period if it still leaves p99.9 x this (the record says so, and by how much);
+    below this headroom the calibration is refused. A shared host's tail is its stalls (this VM
+    class: paced p99.9 from 0.7 to 5 ms in back-to-back runs of 500 calls of one 40-us model), so
+    a fixed margin on it decides the outcome more than the model does."""
     min_budget_ms: float = 0.2
     """Never propose a budget below this (scheduler noise is larger than a fast model)."""
     max_budget_fraction: float = 0.5
-    """Refuse when the budget exceeds this fraction of the control period."""
+    """The budget never exceeds this fraction of the control period."""
     episodes: int = 3
     """Closed-loop episodes for the envelope."""
     episode_steps: int | None = None
@@ -75,6 +82,8 @@ class CalibrateOptions:
         checks = [
             (self.latency_calls >= 100, "latency_calls", "must be >= 100"),
             (self.budget_margin >= 1.0, "budget_margin", "must be >= 1"),
+            (1.0 <= self.min_budget_margin <= self.budget_margin, "min_budget_margin",
+             f"must be in [1, budget_margin = {self.budget_margin}]"),
             (0 < self.max_budget_fraction < 1, "max_budget_fraction", "must be in (0, 1)"),
             (self.episodes >= 1, "episodes", "must be >= 1"),
             (self.robot in ("sim", "external"), "robot", "must be 'sim' or 'external'"),
@@ -114,21 +123,28 @@ def measure_latency(model: Path, profile: Profile, calls: int, warmup: int) -> n
 
 
 def propose_budget(latency_us: np.ndarray, period_s: float, opts: CalibrateOptions) -> tuple[float, dict]:
-    """(budget in ms, the latency section of the record); CalibrationError if it does not fit."""
+    """(budget in ms, the latency section of the record); CalibrationError if it does not fit.
+
+    The budget is p99.9 x ``budget_margin``, cut to ``max_budget_fraction`` of the period where it
+    exceeds it (``budget_capped`` in the record, with the margin left), refused where the cut would
+    leave less than p99.9 x ``min_budget_margin``."""
     stats = percentiles(latency_us)
-    budget_ms = max(opts.min_budget_ms, stats["p99.9"] * opts.budget_margin / 1e3)
-    budget_ms = float(np.ceil(budget_ms * 100) / 100)  # whole 10-us steps: readable, never below the product
+    wanted_ms = max(opts.min_budget_ms, stats["p99.9"] * opts.budget_margin / 1e3)
     limit_ms = opts.max_budget_fraction * period_s * 1e3
-    section = {"calls": int(len(latency_us)), "paced_hz": round(1 / period_s, 3),
-               **{f"{k}_us": round(v, 1) for k, v in stats.items()}, "budget_margin": opts.budget_margin,
-               "min_budget_ms": opts.min_budget_ms, "max_budget_fraction": opts.max_budget_fraction,
-               "budget_ms": budget_ms}
-    if budget_ms > limit_ms:
+    needed_ms = stats["p99.9"] * opts.min_budget_margin / 1e3
+    if needed_ms > limit_ms:
         raise CalibrationError(
-            f"latency: the proposed budget {budget_ms:.3f} ms (p99.9 {stats['p99.9']:.0f} us x margin {opts.budget_margin}) "
+            f"latency: p99.9 {stats['p99.9']:.0f} us x the least margin {opts.min_budget_margin} = {needed_ms:.3f} ms "
             f"does not fit the control period: at {1 / period_s:g} Hz the budget may use at most "
             f"{opts.max_budget_fraction:.0%} of {period_s * 1e3:.3f} ms = {limit_ms:.3f} ms. Use a faster host or "
-            "model (fewer sampler steps), or a lower rate.")
+            "model (fewer sampler steps), or a lower rate; on a busy host, measure again when it is quieter.")
+    capped = wanted_ms > limit_ms
+    budget_ms = limit_ms if capped else float(np.ceil(wanted_ms * 100) / 100)  # whole 10-us steps, never below the product
+    section = {"calls": int(len(latency_us)), "paced_hz": round(1 / period_s, 3),
+               **{f"{k}_us": round(v, 1) for k, v in stats.items()}, "budget_margin": opts.budget_margin,
+               "min_budget_margin": opts.min_budget_margin, "min_budget_ms": opts.min_budget_ms,
+               "max_budget_fraction": opts.max_budget_fraction, "budget_ms": budget_ms, "budget_capped": capped,
+               "margin_left": round(budget_ms * 1e3 / stats["p99.9"], 2)}
     return budget_ms, section
 
 
@@ -258,7 +274,10 @@ def summary(record: CalibrationRecord, path: Path) -> str:
         ("policy latency", f"p50 {lat['p50_us']:.0f} us, p99 {lat['p99_us']:.0f} us, p99.9 {lat['p99.9_us']:.0f} us, "
                            f"max {lat['max_us']:.0f} us ({lat['calls']} calls at {lat['paced_hz']:g} Hz)"),
         ("latency budget", f"{s.latency_budget_ms:.2f} ms (p99.9 x {lat['budget_margin']}; "
-                           f"at most {lat['max_budget_fraction']:.0%} of the period)"),
+                           f"at most {lat['max_budget_fraction']:.0%} of the period)" if not lat.get("budget_capped") else
+                           f"{s.latency_budget_ms:.2f} ms: CUT to {lat['max_budget_fraction']:.0%} of the period, p99.9 x "
+                           f"{lat['margin_left']} where x {lat['budget_margin']} was asked for (this host's tail is long: "
+                           "a quieter host, or a lower rate, gives the full margin)"),
         ("episodes", f"{env['episodes']} ({env['ticks']} ticks), returns {env['returns']}"),
         ("obs envelope", f"low {fmt(s.obs_low)} high {fmt(s.obs_high)}"),
         ("command change", f"p{env['delta_quantile']:g} {fmt(env['delta_observed'])} x {env['delta_margin']} -> "

@@ -39,8 +39,9 @@ NOISE_SEED = 0
 """Seed of the node's noise stream (qsm-serve run --seed; the offline rollout uses the same)."""
 CALIBRATION_ATTEMPTS = 3
 """Calibrations the demo runs before it gives up. A shared VM stalls for milliseconds now and then,
-and one stall among the latency calls can put p99.9 past the period's limit (seen: 4.0 ms once,
-where three reruns on the same idle host measured 0.44-0.64 ms). The demo says so and measures
+and stalls among the latency calls put p99.9 up to 5 ms on this VM class (0.7 to 5 ms in
+back-to-back runs on an idle host): where the demo's margin does not fit the period the budget is
+cut to fit (``CalibrateOptions.min_budget_margin``), and a tail too long even for that is measured
 again; ``qsm-serve calibrate`` itself never retries."""
 
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delta-margin", type=float, default=1.2,
                    help="calibration: per-actuator command-change limit = p99.9 of the observed changes x this")
     p.add_argument("--max-budget-fraction", type=float, default=0.5,
-                   help="calibration: refuse a budget above this part of the period (raise it on a loaded machine)")
+                   help="calibration: the budget's most of the period (raise it on a loaded machine)")
     p.add_argument("--no-video", action="store_true", help="do not record the served episodes")
     p.add_argument("--out", type=Path, help="demo folder (default runs/demo-<task>-<time>)")
     a = p.parse_args(argv)

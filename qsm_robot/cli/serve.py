@@ -175,7 +175,7 @@ def calibrate(args) -> int:
     if out.exists() and not args.overwrite:
         return _fail(f"{out} exists: pass --overwrite to replace it, or pick another --name")
     opts = CalibrateOptions(name=args.name, out=out, latency_calls=args.latency_calls, budget_margin=args.budget_margin,
-                            max_budget_fraction=args.max_budget_fraction, episodes=args.episodes,
+                            min_budget_margin=args.min_budget_margin, max_budget_fraction=args.max_budget_fraction, episodes=args.episodes,
                             episode_steps=args.episode_steps, seed=args.seed, robot=args.robot,
                             external_seconds=args.seconds, robot_key=args.robot_key, obs_margin=args.obs_margin,
                             delta_quantile=args.delta_quantile, delta_margin=args.delta_margin,
@@ -249,6 +249,8 @@ def plot(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qsm_robot.calibrate.measure import CalibrateOptions
+
     p = argparse.ArgumentParser(prog=PROG, description="Real-time ZeroMQ control node for an exported ONNX policy.")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the control node")
@@ -288,8 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--out", type=Path, help="where to write the record (default calib/NAME.json)")
     cal.add_argument("--overwrite", action="store_true", help="replace an existing record")
     cal.add_argument("--latency-calls", type=int, default=2000, help="policy calls timed, one per control period")
-    cal.add_argument("--budget-margin", type=float, default=2.0, help="latency budget = p99.9 x this")
-    cal.add_argument("--max-budget-fraction", type=float, default=0.5, help="refuse a budget above this part of the period")
+    cal.add_argument("--budget-margin", type=float, default=CalibrateOptions.budget_margin,
+                     help="latency budget = p99.9 x this (default: %(default)s)")
+    cal.add_argument("--min-budget-margin", type=float, default=CalibrateOptions.min_budget_margin,
+                     help="where p99.9 x --budget-margin does not fit --max-budget-fraction of the period, the budget "
+                          "is cut to fit if it still leaves p99.9 x this, else refused (default: %(default)s)")
+    cal.add_argument("--max-budget-fraction", type=float, default=CalibrateOptions.max_budget_fraction,
+                     help="the budget's most of the control period (default: %(default)s)")
     cal.add_argument("--episodes", type=int, default=3, help="closed-loop episodes for the envelope")
     cal.add_argument("--episode-steps", type=int, help="override the profile's robot.episode_steps")
     cal.add_argument("--seed", type=int, default=0, help="robot and noise seed of the episodes")

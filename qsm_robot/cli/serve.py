@@ -175,8 +175,8 @@ def calibrate(args) -> int:
     if out.exists() and not args.overwrite:
         return _fail(f"{out} exists: pass --overwrite to replace it, or pick another --name")
     opts = CalibrateOptions(name=args.name, out=out, latency_calls=args.latency_calls, budget_margin=args.budget_margin,
-                            min_budget_margin=args.min_budget_margin, max_budget_fraction=args.max_budget_fraction, episodes=args.episodes,
-                            episode_steps=args.episode_steps, seed=args.seed, robot=args.robot,
+                            min_budget_margin=args.min_budget_margin, max_budget_fraction=args.max_budget_fraction,
+                            episodes=args.episodes, episode_steps=args.episode_steps, seed=args.seed, robot=args.robot,
                             external_seconds=args.seconds, robot_key=args.robot_key, obs_margin=args.obs_margin,
                             delta_quantile=args.delta_quantile, delta_margin=args.delta_margin,
                             allow_remote=args.allow_remote)

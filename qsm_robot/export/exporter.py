@@ -98,7 +98,7 @@ class ExportOptions:
     """The distribution gate's thresholds."""
     enforce_distribution: bool = False
     """Refuse an export that fails the distribution gate. Off by default for now: no distillation
-    method passes it reliably on a multi-DoF policy measured (one point_mass-easy export of two,
+    method passes it reliably on a multi-DoF policy measured (two point_mass-easy exports of three,
     no walker-stand, reacher-easy or ball_in_cup-catch one; README, "Faithful students"); the
     figures are reported, and a failure is printed as a warning."""
     action_samples: int | None = None

@@ -138,8 +138,9 @@ def propose_budget(latency_us: np.ndarray, period_s: float, opts: CalibrateOptio
             f"does not fit the control period: at {1 / period_s:g} Hz the budget may use at most "
             f"{opts.max_budget_fraction:.0%} of {period_s * 1e3:.3f} ms = {limit_ms:.3f} ms. Use a faster host or "
             "model (fewer sampler steps), or a lower rate; on a busy host, measure again when it is quieter.")
-    capped = wanted_ms > limit_ms
-    budget_ms = limit_ms if capped else float(np.ceil(wanted_ms * 100) / 100)  # whole 10-us steps, never below the product
+    rounded_ms = float(np.ceil(wanted_ms * 100) / 100)  # whole 10-us steps: readable, never below the product
+    capped = rounded_ms > limit_ms
+    budget_ms = limit_ms if capped else rounded_ms
     section = {"calls": int(len(latency_us)), "paced_hz": round(1 / period_s, 3),
                **{f"{k}_us": round(v, 1) for k, v in stats.items()}, "budget_margin": opts.budget_margin,
                "min_budget_margin": opts.min_budget_margin, "min_budget_ms": opts.min_budget_ms,
@@ -267,17 +268,20 @@ def summary(record: CalibrationRecord, path: Path) -> str:
     def fmt(values) -> str:
         return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
 
+    if lat.get("budget_capped"):
+        budget = (f"{s.latency_budget_ms:.2f} ms: CUT to {lat['max_budget_fraction']:.0%} of the period, p99.9 x "
+                  f"{lat['margin_left']} where x {lat['budget_margin']} was asked for (this host's tail is long: "
+                  "a quieter host, or a lower rate, gives the full margin)")
+    else:
+        budget = (f"{s.latency_budget_ms:.2f} ms (p99.9 x {lat['budget_margin']}; "
+                  f"at most {lat['max_budget_fraction']:.0%} of the period)")
     rows = [
         ("record", f"{path} (schema {record.schema_version}, id {record.short_id})"),
         ("model", f"{record.model['path']} sha256 {record.model['sha256'][:12]}..."),
         ("profile", f"{record.profile['name']} basis sha256 {record.profile['sha256'][:12]}..."),
         ("policy latency", f"p50 {lat['p50_us']:.0f} us, p99 {lat['p99_us']:.0f} us, p99.9 {lat['p99.9_us']:.0f} us, "
                            f"max {lat['max_us']:.0f} us ({lat['calls']} calls at {lat['paced_hz']:g} Hz)"),
-        ("latency budget", f"{s.latency_budget_ms:.2f} ms (p99.9 x {lat['budget_margin']}; "
-                           f"at most {lat['max_budget_fraction']:.0%} of the period)" if not lat.get("budget_capped") else
-                           f"{s.latency_budget_ms:.2f} ms: CUT to {lat['max_budget_fraction']:.0%} of the period, p99.9 x "
-                           f"{lat['margin_left']} where x {lat['budget_margin']} was asked for (this host's tail is long: "
-                           "a quieter host, or a lower rate, gives the full margin)"),
+        ("latency budget", budget),
         ("episodes", f"{env['episodes']} ({env['ticks']} ticks), returns {env['returns']}"),
         ("obs envelope", f"low {fmt(s.obs_low)} high {fmt(s.obs_high)}"),
         ("command change", f"p{env['delta_quantile']:g} {fmt(env['delta_observed'])} x {env['delta_margin']} -> "

@@ -39,7 +39,7 @@ def model(tmp_path_factory):
     assert train_main(["--preset", "smoke", "--steps", "600", "--threads", "1", "--run-dir", str(tmp / "run")]) == 0
     out = tmp / "policy.onnx"
     assert export_main([str(tmp / "run"), "--out", str(out), "--min-retention", "0", "--distill-iterations", "200",
-                        "--student-hidden", "32", "--state-episodes", "1", "--eval-episodes", "1",
+                        "--student-hidden", "32", "--state-episodes", "1", "--start-episodes", "0", "--eval-episodes", "1",
                         "--latency-calls", "100", "--threads", "1"]) == 0
     return out
 

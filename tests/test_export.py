@@ -20,7 +20,7 @@ from qsm_robot.policy_io import PolicyIO
 from qsm_robot.qsm.policy import DiffusionPolicy, PolicySpec, load_policy
 
 FAST = ["--distill-iterations", "150", "--distill-batch", "128", "--student-hidden", "32", "--state-episodes", "1",
-        "--eval-episodes", "2", "--latency-calls", "200", "--threads", "1"]
+        "--eval-episodes", "2", "--latency-calls", "200", "--threads", "1", "--start-episodes", "3", "--start-steps", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -174,13 +174,20 @@ def test_a_two_step_student_defaults_to_regression_and_can_use_rollout_states_on
         seeds.append(range(seed, seed + episodes))
         return real_rollout(fn, task, repeat, episodes, seed, *args, **kwargs)
 
+    def recorded_starts(fn, task, repeat, episodes, steps, seed, record):
+        starts.append(range(seed, seed + min(episodes, exporter.ROLLOUT_CHUNK)))
+        return real_starts(fn, task, repeat, episodes, steps, seed, record)
+
+    starts, real_starts = [], exporter.episode_starts
     monkeypatch.setattr(exporter, "rollout", recorded_rollout)
+    monkeypatch.setattr(exporter, "episode_starts", recorded_starts)
     assert export_main([str(run_dir), "--out", str(out), "--min-retention", "0", "--student-steps", "2",
                         "--replay-states", "0", "--state-episodes", "3"] + FAST[:6] + FAST[8:]) == 0
     # No held-out episode (the retention gate's, whose states the distribution gate uses) is a distillation episode.
     (states, teacher_eval, student_eval) = seeds
     assert len(states) == 3 and teacher_eval == student_eval and not set(states) & set(teacher_eval)
     assert states.start >= teacher_eval.stop  # above them: no number of rollouts reaches a held-out seed
+    assert [len(r) for r in starts] == [3] and not set(starts[0]) & (set(states) | set(teacher_eval))  # FAST's --start-episodes 3
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert "(without replay buffer)" in text and "qsm-export summary: PASSED" in text
@@ -203,6 +210,33 @@ def test_rollouts_run_in_chunks_with_the_same_seeds_and_states_as_all_at_once(mo
     assert exporter.rollout(policy, "cartpole-swingup", 4, 5, 40, chunked) == expected
     assert sizes == [2, 2, 1]
     assert np.array_equal(np.sort(np.concatenate(chunked), axis=0), np.sort(np.concatenate(together), axis=0))
+
+
+def test_an_episode_stops_after_max_steps():
+    from qsm_robot.envs import run_episodes
+
+    seen: list = []
+    returns = run_episodes(lambda obs: np.zeros((len(obs), 1)), [make_env("cartpole-swingup", seed=i) for i in range(3)], seen, max_steps=7)
+    assert len(returns) == 3 and [len(batch) for batch in seen] == [3] * 7
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        run_episodes(lambda obs: obs, [], max_steps=0)
+
+
+def test_episode_starts_reset_a_few_envs_for_many_seeded_starts(monkeypatch):
+    built = []
+    real_make_env = exporter.make_env
+    monkeypatch.setattr(exporter, "make_env", lambda task, seed, **kw: built.append(seed) or real_make_env(task, seed=seed, **kw))
+    monkeypatch.setattr(exporter, "ROLLOUT_CHUNK", 2)
+    policy = lambda obs: np.tanh(obs[:, :2])  # noqa: E731  (point_mass: two actuators)
+    first: list = []
+    exporter.episode_starts(policy, "point_mass-easy", 2, 5, 3, 90, first)
+    assert built == [90, 91]  # two envs, reset for each round
+    assert [len(batch) for batch in first] == [2, 2, 2, 2, 2, 2, 1, 1, 1]  # rounds of 2, 2 and 1 episodes, 3 steps each
+    starts = np.concatenate([first[0], first[3], first[6]])  # the first step of each round: five different starts
+    assert len(np.unique(starts.round(6), axis=0)) == 5
+    again: list = []
+    exporter.episode_starts(policy, "point_mass-easy", 2, 5, 3, 90, again)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))  # the same seeds, the same starts
 
 
 def test_teacher_export_matches_the_torch_sampler(run_dir, tmp_path):
@@ -348,6 +382,7 @@ def test_bad_input_is_one_clear_line(run_dir, tmp_path, capsys, case, message):
 
 
 @pytest.mark.parametrize("flag,value", [("--replay-states", "-1"), ("--state-episodes", "0"), ("--min-retention", "2"),
+                                        ("--start-episodes", "-1"), ("--start-steps", "0"),
                                         ("--state-jitter-copies", "-1"), ("--state-jitter", "-0.1"),
                                         ("--action-samples", "0")])
 def test_out_of_range_options_are_usage_errors(flag, value, capsys):

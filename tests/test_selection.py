@@ -151,7 +151,7 @@ def test_the_config_refuses_zero_samples_and_the_competing_preset_selects():
 
 
 FAST = ["--distill-iterations", "150", "--distill-batch", "128", "--student-hidden", "32", "--state-episodes", "1",
-        "--eval-episodes", "2", "--latency-calls", "200", "--threads", "1", "--min-retention", "0"]
+        "--eval-episodes", "2", "--latency-calls", "200", "--threads", "1", "--min-retention", "0", "--start-episodes", "0"]
 
 
 def test_export_distils_the_runs_own_evaluation_policy_by_default(runs, tmp_path, capsys):

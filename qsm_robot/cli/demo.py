@@ -54,7 +54,7 @@ def export_args(preset: str) -> list[str]:
     """
     if preset != "smoke":
         return []
-    return ["--distill-iterations", "500", "--student-hidden", "64", "--state-episodes", "2",
+    return ["--distill-iterations", "500", "--student-hidden", "64", "--state-episodes", "2", "--start-episodes", "8",
             "--eval-episodes", "2", "--min-retention", "0", "--latency-calls", "500"]
 
 

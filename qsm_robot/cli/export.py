@@ -86,6 +86,9 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
                    help="samples per state for the methods that compare distributions (energy, ot, mixture; default: "
                         + _per_method("draws") + ")")
     p.add_argument("--state-episodes", type=int, default=d.state_episodes, help="teacher rollouts that provide distillation states (run 64 at a time)")
+    p.add_argument("--start-episodes", type=int, default=d.start_episodes,
+                   help="more teacher episodes whose first --start-steps steps join the distillation states (0: none)")
+    p.add_argument("--start-steps", type=int, default=d.start_steps, help="policy steps of each of the --start-episodes")
     p.add_argument("--replay-states", type=int, default=d.replay_states,
                    help="at most this many replay-buffer observations join the rollout states (0: none)")
     p.add_argument("--state-jitter-copies", type=int, default=d.state_jitter_copies,
@@ -103,11 +106,11 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads for distillation (0: the CPUs this process may run on)")
     a = p.parse_args(argv)
-    for name in ("distill_iterations", "distill_batch", "distill_draws", "student_hidden", "student_layers", "state_episodes",
+    for name in ("distill_iterations", "distill_batch", "distill_draws", "student_hidden", "student_layers", "state_episodes", "start_steps",
                  "eval_episodes", "parity_samples", "latency_calls", "fidelity_states", "fidelity_samples", "action_samples"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    for name in ("replay_states", "state_jitter_copies", "state_jitter"):
+    for name in ("start_episodes", "replay_states", "state_jitter_copies", "state_jitter"):
         if not getattr(a, name) >= 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
     if not 0 <= a.min_retention <= 1:
@@ -124,7 +127,8 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     opts = ExportOptions(
         out=a.out, student_steps=a.student_steps, teacher=a.teacher, force=a.force,
         distill_iterations=a.distill_iterations, distill_batch=a.distill_batch, **shape, student_init=a.student_init,
-        state_episodes=a.state_episodes, replay_states=a.replay_states,
+        state_episodes=a.state_episodes, start_episodes=a.start_episodes, start_steps=a.start_steps,
+        replay_states=a.replay_states,
         state_jitter_copies=a.state_jitter_copies, state_jitter=a.state_jitter, eval_episodes=a.eval_episodes,
         min_retention=a.min_retention, parity_samples=a.parity_samples, parity_tol=a.parity_tol,
         latency_calls=a.latency_calls, seed=a.seed, progress=sys.stderr.isatty(), distill_method=a.distill_method, distill_draws=a.distill_draws,

@@ -111,7 +111,7 @@ class ExportOptions:
     """The distribution gate's thresholds."""
     enforce_distribution: bool = False
     """Refuse an export that fails the distribution gate. Off by default for now: the default export
-    passes it reliably on one policy measured (point_mass-easy, six exports of six), on the
+    passes it reliably on one policy measured (point_mass-easy, three distillation seeds of three), on the
     cartpole-swingup reference policy two times in three, on ball_in_cup-catch one in three and on
     walker-stand and reacher-easy never (README, "Faithful students"); the figures are reported, and
     a failure is printed as a warning."""

@@ -200,12 +200,13 @@ def finite_actions(policy_fn, task: str):
 def rollout(policy_fn, task: str, action_repeat: int, episodes: int, seed: int, record=None, rescale=True) -> list[float]:
     """Episodes of ``policy_fn`` (the task seeded ``seed``, ``seed + 1``, ...), :data:`ROLLOUT_CHUNK`
     at a time side by side; ExportError if it outputs a non-finite action."""
+    checked = finite_actions(policy_fn, task)
     returns: list[float] = []
     for start in range(0, episodes, ROLLOUT_CHUNK):
         envs = [make_env(task, seed=seed + i, action_repeat=action_repeat, rescale_actions=rescale)
                 for i in range(start, min(episodes, start + ROLLOUT_CHUNK))]
         try:
-            returns += run_episodes(finite_actions(policy_fn, task), envs, record)
+            returns += run_episodes(checked, envs, record)
         finally:
             for env in envs:
                 env.close()
@@ -216,10 +217,11 @@ def episode_starts(policy_fn, task: str, action_repeat: int, episodes: int, step
     """The first ``steps`` policy steps of ``episodes`` episodes of ``policy_fn``, their observations
     appended to ``record``: :data:`ROLLOUT_CHUNK` envs (seeded ``seed``, ``seed + 1``, ...), each
     reset for a new start every round (building an env costs about 70 ms, a reset about 4)."""
+    checked = finite_actions(policy_fn, task)
     envs = [make_env(task, seed=seed + i, action_repeat=action_repeat) for i in range(min(episodes, ROLLOUT_CHUNK))]
     try:
         for start in range(0, episodes, ROLLOUT_CHUNK):
-            run_episodes(finite_actions(policy_fn, task), envs[:episodes - start], record, max_steps=steps)
+            run_episodes(checked, envs[:episodes - start], record, max_steps=steps)
     finally:
         for env in envs:
             env.close()

@@ -176,11 +176,19 @@ def test_a_two_step_student_defaults_to_regression_and_can_use_rollout_states_on
 
     def recorded_starts(fn, task, repeat, episodes, steps, seed, record):
         starts.append(range(seed, seed + min(episodes, exporter.ROLLOUT_CHUNK)))
-        return real_starts(fn, task, repeat, episodes, steps, seed, record)
+        before = sum(map(len, record))
+        real_starts(fn, task, repeat, episodes, steps, seed, record)
+        visited.extend([before, sum(map(len, record))])  # rollout states, then with the starts'
 
-    starts, real_starts = [], exporter.episode_starts
+    def recorded_distill(teacher, states, *args, **kwargs):
+        distilled.append(len(states))
+        return real_distill(teacher, states, *args, **kwargs)
+
+    starts, visited, distilled = [], [], []
+    real_starts, real_distill = exporter.episode_starts, exporter.distill
     monkeypatch.setattr(exporter, "rollout", recorded_rollout)
     monkeypatch.setattr(exporter, "episode_starts", recorded_starts)
+    monkeypatch.setattr(exporter, "distill", recorded_distill)
     assert export_main([str(run_dir), "--out", str(out), "--min-retention", "0", "--student-steps", "2",
                         "--replay-states", "0", "--state-episodes", "3"] + FAST[:6] + FAST[8:]) == 0
     # No held-out episode (the retention gate's, whose states the distribution gate uses) is a distillation episode.
@@ -188,6 +196,8 @@ def test_a_two_step_student_defaults_to_regression_and_can_use_rollout_states_on
     assert len(states) == 3 and teacher_eval == student_eval and not set(states) & set(teacher_eval)
     assert states.start >= teacher_eval.stop  # above them: no number of rollouts reaches a held-out seed
     assert [len(r) for r in starts] == [3] and not set(starts[0]) & (set(states) | set(teacher_eval))  # FAST's --start-episodes 3
+    # The starts' 3 x 4 states reach the student, with the default 3 jittered copies of every state.
+    assert visited[1] - visited[0] == 3 * 4 and distilled == [4 * visited[1]]
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert "(without replay buffer)" in text and "qsm-export summary: PASSED" in text

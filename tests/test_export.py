@@ -172,7 +172,10 @@ def test_a_two_step_student_defaults_to_regression_and_can_use_rollout_states_on
 
     def recorded_rollout(fn, task, repeat, episodes, seed, *args, **kwargs):
         seeds.append(range(seed, seed + episodes))
-        return real_rollout(fn, task, repeat, episodes, seed, *args, **kwargs)
+        returns = real_rollout(fn, task, repeat, episodes, seed, *args, **kwargs)
+        record = args[0] if args else kwargs.get("record")
+        recorded.append(sum(map(len, record)) if record is not None else 0)
+        return returns
 
     def recorded_starts(fn, task, repeat, episodes, steps, seed, record):
         starts.append(range(seed, seed + min(episodes, exporter.ROLLOUT_CHUNK)))
@@ -184,7 +187,7 @@ def test_a_two_step_student_defaults_to_regression_and_can_use_rollout_states_on
         distilled.append(len(states))
         return real_distill(teacher, states, *args, **kwargs)
 
-    starts, visited, distilled = [], [], []
+    starts, visited, distilled, recorded = [], [], [], []
     real_starts, real_distill = exporter.episode_starts, exporter.distill
     monkeypatch.setattr(exporter, "rollout", recorded_rollout)
     monkeypatch.setattr(exporter, "episode_starts", recorded_starts)
@@ -196,8 +199,9 @@ def test_a_two_step_student_defaults_to_regression_and_can_use_rollout_states_on
     assert len(states) == 3 and teacher_eval == student_eval and not set(states) & set(teacher_eval)
     assert states.start >= teacher_eval.stop  # above them: no number of rollouts reaches a held-out seed
     assert [len(r) for r in starts] == [3] and not set(starts[0]) & (set(states) | set(teacher_eval))  # FAST's --start-episodes 3
-    # The starts' 3 x 4 states reach the student, with the default 3 jittered copies of every state.
-    assert visited[1] - visited[0] == 3 * 4 and distilled == [4 * visited[1]]
+    # The starts' 3 x 4 states reach the student once each, after the rollouts' states and their default 3
+    # jittered copies (the starts get none: ExportOptions.start_episodes).
+    assert visited == [0, 3 * 4] and distilled == [4 * recorded[0] + 3 * 4]
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert "(without replay buffer)" in text and "qsm-export summary: PASSED" in text

@@ -92,7 +92,7 @@ def parse(argv: list[str]) -> tuple[str, "ExportOptions", int]:
     p.add_argument("--replay-states", type=int, default=d.replay_states,
                    help="at most this many replay-buffer observations join the rollout states (0: none)")
     p.add_argument("--state-jitter-copies", type=int, default=d.state_jitter_copies,
-                   help="copies of each distillation state moved by Gaussian noise, labelled by the teacher (0: none)")
+                   help="copies of each rollout and replay state (not the episode starts) moved by Gaussian noise, labelled by the teacher (0: none)")
     p.add_argument("--state-jitter", type=float, default=d.state_jitter,
                    help="the copies' noise as a fraction of the states' per-dimension standard deviation")
     p.add_argument("--eval-episodes", type=int, default=d.eval_episodes, help="episodes for the return-retention gate")

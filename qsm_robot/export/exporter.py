@@ -371,15 +371,13 @@ def export_policy(source: str | Path, opts: ExportOptions, log=print) -> ExportR
     from_replay = replay_states(checkpoint, opts.replay_states, rng) if opts.replay_states else None
     if from_replay is not None:
         seen.append(from_replay)
-    visited = sum(map(len, seen))
-    states = jittered(np.concatenate(seen), opts.state_jitter_copies, opts.state_jitter, rng)
-    copies = len(states) - visited
-    if opts.start_episodes:  # not jittered: see ExportOptions.start_episodes
-        starts: list[np.ndarray] = []
+    starts: list[np.ndarray] = []  # not jittered: see ExportOptions.start_episodes
+    if opts.start_episodes:
         episode_starts(teacher_fn, spec.task, spec.action_repeat, opts.start_episodes, opts.start_steps,
                        opts.seed + STARTS_SEED, starts)
-        states = np.concatenate([states] + starts)
-        visited += len(states) - visited - copies
+    states = np.concatenate([jittered(np.concatenate(seen), opts.state_jitter_copies, opts.state_jitter, rng)] + starts)
+    visited = sum(map(len, seen + starts))
+    copies = len(states) - visited
     log(f"qsm-export: {visited} states ({'with' if from_replay is not None else 'without'} replay buffer)"
         + (f" and {copies} jittered copies" if copies else ""))
 

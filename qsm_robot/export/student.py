@@ -201,8 +201,9 @@ METHOD_DEFAULTS = {"ot": {"iterations": 20_000, "draws": 256}, "mixture": {"iter
 of them). The mixture's 40,000 (was 20,000): on the cartpole-swingup reference policy the student
 underfit the swing-up, where the teacher's distribution moves fastest along the path (held-out
 states of steps 50-119: 8-10% above W1 0.17 with 20,000 iterations, 4.5% with 40,000, none with
-40,000 and the episode starts unjittered; two distillation seeds; README, "Faithful students"). ot needs many draws per state: with m draws the pairing puts each step between two modes
-at an empirical quantile that is off by about 1/sqrt(m), and the student learns that blur. The
+40,000 and the episode starts unjittered; two distillation seeds; README, "Faithful students").
+ot needs many draws per state: with m draws the pairing puts each step between two modes at an
+empirical quantile that is off by about 1/sqrt(m), and the student learns that blur. The
 mixture's likelihood needs no pairing, so its set spreads over as many states as it can (one draw
 at each of up to 2^19 states: qsm-export's states with their jittered copies, :func:`jittered`;
 on a reacher-easy policy with 512 rollouts, held-out W1 0.071 and 5.2% off support, against 0.073
